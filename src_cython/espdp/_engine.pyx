@@ -1,0 +1,412 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The engine's objects: an SA with its crypto contexts, a table of SAs with
+an SPI hash for inbound lookup, and a batch of packet slots.
+
+Batches are processed with the GIL released and no Python object created
+per packet: per-packet results land in the batch's arrays (numpy views of
+C-contiguous buffers).  The objects are not thread-safe: whoever owns a
+table changes it between batches, not during one.
+"""
+
+import ipaddress
+
+import numpy as np
+
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.stdint cimport int32_t, uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, realloc
+from libc.string cimport memcmp, memcpy, memset
+
+from espdp._crypto cimport AUTH_NONE, transform_free, transform_init
+from espdp._esp cimport *
+from espdp._replay cimport replay_free, replay_init
+
+from espdp import algorithms
+from espdp.errors import ConfigError
+
+VERDICTS = (
+    "ok", "dummy", "keepalive", "non_esp", "not_esp", "malformed", "fragment",
+    "no_sa", "encap_mismatch", "limit", "seq_zero", "replay", "replay_window",
+    "integrity", "bad_padding", "bad_inner", "ecn_drop", "seq_overflow", "too_big",
+    "crypto_error", "wrong_dir",
+)
+assert len(VERDICTS) == N_VERDICTS
+FLAG_MAPPING = F_MAPPING
+FLAG_SOFT_EXPIRED = F_SOFT_EXPIRED
+
+cdef enum:
+    EMPTY = -1
+    GONE = -2
+
+
+cdef void _address(uint8_t *out, object address):
+    cdef bytes packed = address.packed
+    memset(out, 0, 16)
+    memcpy(out, <const char *> packed, len(packed))
+
+
+cdef int _init_crypto(sa_core *core, object info) except -1:
+    if info.aead is not None:
+        alg = algorithms.lookup("aead", info.aead.name)
+        transform_init(&core.xf, alg.engine_id, info.aead.key, info.aead.bits // 8,
+                       AUTH_NONE, b"")
+    else:
+        enc = algorithms.lookup("enc", info.enc.name)
+        auth = algorithms.lookup("auth", info.auth.name)
+        transform_init(&core.xf, enc.engine_id, info.enc.key, info.auth.bits // 8,
+                       auth.engine_id, info.auth.key)
+    return 0
+
+
+cdef class SA:
+    """One SA of the engine, built from an :class:`espdp.sa.SAInfo`.
+
+    >>> sa = SA(info)                          # doctest: +SKIP
+    >>> result = sa.encrypt_packet(ip_packet)  # doctest: +SKIP
+    """
+
+    def __cinit__(self, info):
+        info.validate()
+        self.info = info
+        self.index = -1
+        cdef sa_core *c = &self.core
+        memset(c, 0, sizeof(sa_core))
+        c.spi = info.spi
+        c.family = info.family
+        _address(c.src, info.src)
+        _address(c.dst, info.dst)
+        c.tunnel = info.mode == "tunnel"
+        c.dir = {None: DIR_ANY, "in": DIR_IN, "out": DIR_OUT}[info.dir]
+        from espdp.sa import SA_EXTRA_FLAGS, SA_FLAGS
+        c.flags = sum(SA_FLAGS[f] for f in info.flags)
+        c.extra_flags = sum(SA_EXTRA_FLAGS[f] for f in info.extra_flags)
+        c.esn = info.esn
+        if info.encap is not None:
+            c.encap = True
+            c.sport = info.encap.sport
+            c.dport = info.encap.dport
+        if info.mark is not None:
+            c.has_mark = True
+            c.mark_v = info.mark.value
+            c.mark_m = info.mark.mask
+        if info.set_mark is not None:
+            c.has_set_mark = True
+            c.set_mark_v = info.set_mark.value
+            c.set_mark_m = info.set_mark.mask
+        c.tfcpad = info.tfcpad
+        c.ttl = info.ttl
+        c.oseq = (<uint64_t> info.replay_oseq_hi << 32 if info.esn else 0) | info.replay_oseq
+        lft = info.lifetime
+        c.soft_bytes, c.hard_bytes = lft.soft_bytes, lft.hard_bytes
+        c.soft_packets, c.hard_packets = lft.soft_packets, lft.hard_packets
+        top = ((<uint64_t> info.replay_seq_hi << 32) if info.esn else 0) | info.replay_seq
+        replay_init(&c.replay, info.replay_window, info.esn, top)
+        _init_crypto(c, info)
+
+    def __dealloc__(self):
+        transform_free(&self.core.xf)
+        replay_free(&self.core.replay)
+
+    def __repr__(self):
+        return (f"<SA spi={self.core.spi:#010x} {self.info.src}->{self.info.dst} "
+                f"{self.info.mode}>")
+
+    @property
+    def spi(self):
+        return self.core.spi
+
+    @property
+    def oseq(self):
+        """The last outbound sequence number used (64 bits with ESN)."""
+        return self.core.oseq
+
+    @oseq.setter
+    def oseq(self, uint64_t value):
+        self.core.oseq = value
+
+    @property
+    def replay_top(self):
+        """The highest inbound sequence number accepted (64 bits with ESN)."""
+        return self.core.replay.top
+
+    @property
+    def soft_expired(self):
+        return bool(self.core.soft_fired)
+
+    def stats(self):
+        """Counters: packets, bytes, the XFRM stats and a drop count per verdict."""
+        cdef sa_stats *s = &self.core.stats
+        out = {"packets": s.packets, "bytes": s.bytes,
+               "replay_window": s.drops[<int> V_REPLAY_WINDOW], "replay": s.drops[<int> V_REPLAY],
+               "integrity_failed": s.drops[<int> V_INTEGRITY]}
+        out["drops"] = {VERDICTS[v]: s.drops[<int> v] for v in range(1, N_VERDICTS) if s.drops[<int> v]}
+        return out
+
+    def encrypt(self, PacketBatch batch):
+        """Encrypt every packet of the batch with this SA; the number that passed."""
+        cdef int i, ok = 0
+        cdef sa_core *c = &self.core
+        with nogil:
+            for i in range(batch.count):
+                batch.flags_p[i] = 0
+                batch.verdict_p[i] = esp_output(
+                    c, batch.buf + <size_t> i * batch.slot_size, batch.slot_size,
+                    &batch.off_p[i], &batch.len_p[i], &batch.mark_p[i], &batch.flags_p[i])
+                batch.sa_p[i] = self.index
+                ok += batch.verdict_p[i] == V_OK
+        return ok
+
+    def encrypt_packet(self, bytes packet, uint32_t mark=0):
+        """One packet: ``(verdict, encrypted packet or None, mark)``."""
+        if self._one is None:
+            self._one = PacketBatch(1)
+        cdef PacketBatch one = self._one
+        one.clear()
+        one.add(packet, mark)
+        self.encrypt(one)
+        return one.result(0)
+
+
+cdef class PacketBatch:
+    """Slots of ``slot_size`` bytes; each packet starts ``headroom`` bytes in.
+
+    ``offset``, ``length``, ``mark``, ``verdict``, ``sa`` and ``flags`` are
+    numpy arrays indexed by slot; ``data`` is the (capacity, slot_size) buffer.
+    """
+
+    def __cinit__(self, int capacity=64, int slot_size=2048, int headroom=128):
+        if capacity <= 0 or headroom < 0 or slot_size <= headroom:
+            raise ConfigError("PacketBatch: need capacity > 0 and slot_size > headroom >= 0")
+        self.capacity, self.slot_size, self.headroom = capacity, slot_size, headroom
+        self.count = 0
+        self.data = np.zeros((capacity, slot_size), np.uint8)
+        self.offset = np.zeros(capacity, np.uint32)
+        self.length = np.zeros(capacity, np.uint32)
+        self.mark = np.zeros(capacity, np.uint32)
+        self.verdict = np.zeros(capacity, np.uint8)
+        self.sa = np.full(capacity, -1, np.int32)
+        self.flags = np.zeros(capacity, np.uint8)
+        cdef uint8_t[:, ::1] d = self.data
+        cdef uint32_t[::1] o = self.offset, n = self.length, m = self.mark
+        cdef uint8_t[::1] v = self.verdict, f = self.flags
+        cdef int32_t[::1] s = self.sa
+        self.buf, self.off_p, self.len_p, self.mark_p = &d[0, 0], &o[0], &n[0], &m[0]
+        self.verdict_p, self.sa_p, self.flags_p = &v[0], &s[0], &f[0]
+
+    def __len__(self):
+        return self.count
+
+    def clear(self):
+        self.count = 0
+
+    def add(self, const uint8_t[::1] packet, uint32_t mark=0, int32_t sa=-1):
+        """Copy a packet into the next slot; returns its index."""
+        cdef int i = self.count
+        cdef Py_ssize_t n = packet.shape[0]
+        if i >= self.capacity:
+            raise ConfigError(f"PacketBatch is full ({self.capacity} packets)")
+        if n > self.slot_size - self.headroom:
+            raise ConfigError(f"packet of {n} bytes does not fit a slot "
+                              f"({self.slot_size - self.headroom} bytes after headroom)")
+        if n:
+            memcpy(self.buf + <size_t> i * self.slot_size + self.headroom, &packet[0], n)
+        self.off_p[i], self.len_p[i], self.mark_p[i] = self.headroom, n, mark
+        self.sa_p[i], self.verdict_p[i], self.flags_p[i] = sa, 0, 0
+        self.count = i + 1
+        return i
+
+    def packet(self, int i):
+        """The bytes of slot i as they are now."""
+        if not 0 <= i < self.count:
+            raise IndexError(i)
+        return PyBytes_FromStringAndSize(
+            <char *> self.buf + <size_t> i * self.slot_size + self.off_p[i], self.len_p[i])
+
+    def result(self, int i):
+        """``(verdict name, packet bytes or None, mark)`` of slot i."""
+        v = VERDICTS[self.verdict_p[i]]
+        return v, (self.packet(i) if v == "ok" else None), self.mark_p[i]
+
+
+cdef inline uint32_t _hash(uint32_t spi, uint32_t nslots) noexcept nogil:
+    return ((spi * <uint32_t> 0x9E3779B1) ^ (spi >> 16)) & (nslots - 1)
+
+
+cdef class SATable:
+    """The SAs the engine knows, with inbound lookup by (dst, SPI, mark) as
+    XFRM does it: ``(packet mark & SA mask) == SA value``."""
+
+    def __cinit__(self):
+        self._sas, self._free = [], []
+        self.nslots = 16
+        self.slots = <int32_t *> calloc(self.nslots, sizeof(int32_t))
+        if self.slots == NULL:
+            raise MemoryError()
+        for k in range(self.nslots):
+            self.slots[k] = EMPTY
+
+    def __dealloc__(self):
+        free(self.slots)
+        free(self.cores)
+
+    def __len__(self):
+        return len(self._sas) - len(self._free)
+
+    def __iter__(self):
+        return iter([sa for sa in self._sas if sa is not None])
+
+    def __getitem__(self, int index):
+        sa = self._sas[index] if 0 <= index < len(self._sas) else None
+        if sa is None:
+            raise KeyError(index)
+        return sa
+
+    cdef void _insert(self, int32_t index):
+        cdef uint32_t h = _hash(self.cores[index].spi, self.nslots)
+        while self.slots[h] >= 0:
+            h = (h + 1) & (self.nslots - 1)
+        if self.slots[h] == EMPTY:
+            self.used += 1
+        self.slots[h] = index
+
+    cdef int _rehash(self, uint32_t nslots) except -1:
+        cdef int32_t *slots = <int32_t *> calloc(nslots, sizeof(int32_t))
+        if slots == NULL:
+            raise MemoryError()
+        free(self.slots)
+        self.slots, self.nslots, self.used = slots, nslots, 0
+        for k in range(nslots):
+            slots[k] = EMPTY
+        for k in range(self.ncores):
+            if self.cores[k] != NULL:
+                self._insert(k)
+        return 0
+
+    def add(self, SA sa):
+        """Add an SA; returns its index (what ``PacketBatch.sa`` refers to)."""
+        if sa.index >= 0:
+            raise ConfigError(f"{sa!r} is already in a table")
+        if self._free:
+            index = self._free.pop()
+            self._sas[index] = sa
+        else:
+            index = len(self._sas)
+            self._sas.append(sa)
+            cores = <sa_core **> realloc(self.cores, len(self._sas) * sizeof(sa_core *))
+            if cores == NULL:
+                self._sas.pop()
+                raise MemoryError()
+            self.cores = cores
+            self.ncores = len(self._sas)
+        self.cores[index] = &sa.core
+        sa.index = index
+        if (self.used + 1) * 2 > self.nslots:
+            self._rehash(self.nslots * 2 if len(self) * 4 > self.nslots else self.nslots)
+        else:
+            self._insert(index)
+        return index
+
+    def remove(self, SA sa):
+        """Remove an SA from the table; its counters stay readable."""
+        cdef int32_t index = sa.index
+        if index < 0 or index >= len(self._sas) or self._sas[index] is not sa:
+            raise ConfigError(f"{sa!r} is not in this table")
+        cdef uint32_t h = _hash(sa.core.spi, self.nslots)
+        while self.slots[h] != index:
+            h = (h + 1) & (self.nslots - 1)
+        self.slots[h] = GONE
+        self.cores[index] = NULL
+        self._sas[index] = None
+        self._free.append(index)
+        sa.index = -1
+
+    cdef int32_t find(self, uint32_t spi, int family, const uint8_t *dst,
+                      uint32_t mark) noexcept nogil:
+        cdef uint32_t h = _hash(spi, self.nslots)
+        cdef int32_t index
+        cdef sa_core *c
+        while True:
+            index = self.slots[h]
+            if index == EMPTY:
+                return -1
+            if index >= 0:
+                c = self.cores[index]
+                if (c.spi == spi and c.family == family and
+                        memcmp(c.dst, dst, 4 if family == 4 else 16) == 0 and
+                        (not c.has_mark or (mark & c.mark_m) == c.mark_v)):
+                    return index
+            h = (h + 1) & (self.nslots - 1)
+
+    def lookup(self, dst, uint32_t spi, uint32_t mark=0):
+        """The SA that an inbound packet to ``dst`` with ``spi`` and ``mark`` finds."""
+        cdef uint8_t packed[16]
+        address = ipaddress.ip_address(dst)
+        _address(packed, address)
+        cdef int32_t index = self.find(spi, address.version, packed, mark)
+        return None if index < 0 else self._sas[index]
+
+    def encrypt(self, PacketBatch batch):
+        """Encrypt each packet with the SA its ``batch.sa`` entry names."""
+        cdef int i, ok = 0
+        cdef int32_t index
+        with nogil:
+            for i in range(batch.count):
+                batch.flags_p[i] = 0
+                index = batch.sa_p[i]
+                if index < 0 or index >= self.ncores or self.cores[index] == NULL:
+                    batch.verdict_p[i] = V_NO_SA
+                    self.drops[<int> V_NO_SA] += 1
+                    continue
+                batch.verdict_p[i] = esp_output(
+                    self.cores[index], batch.buf + <size_t> i * batch.slot_size,
+                    batch.slot_size, &batch.off_p[i], &batch.len_p[i], &batch.mark_p[i],
+                    &batch.flags_p[i])
+                ok += batch.verdict_p[i] == V_OK
+        return ok
+
+    def decrypt(self, PacketBatch batch):
+        """Parse, look up, check and decrypt each packet (a whole IP packet)."""
+        cdef int i, ok = 0
+        cdef outer_info o
+        cdef uint8_t *slot
+        cdef Verdict v
+        cdef int32_t index
+        with nogil:
+            for i in range(batch.count):
+                batch.flags_p[i] = 0
+                batch.sa_p[i] = -1
+                slot = batch.buf + <size_t> i * batch.slot_size
+                v = parse_outer(slot + batch.off_p[i], batch.len_p[i], &o)
+                if v == V_OK:
+                    index = self.find((slot + batch.off_p[i] + o.esp)[0] << 24 |
+                                      (slot + batch.off_p[i] + o.esp)[1] << 16 |
+                                      (slot + batch.off_p[i] + o.esp)[2] << 8 |
+                                      (slot + batch.off_p[i] + o.esp)[3],
+                                      o.family, slot + batch.off_p[i] + o.dst,
+                                      batch.mark_p[i])
+                    if index < 0:
+                        v = V_NO_SA
+                    else:
+                        batch.sa_p[i] = index
+                        v = esp_input(self.cores[index], &o, slot, &batch.off_p[i],
+                                      &batch.len_p[i], &batch.mark_p[i], &batch.flags_p[i])
+                        batch.verdict_p[i] = v
+                        ok += v == V_OK
+                        continue
+                self.drops[<int> v] += 1
+                batch.verdict_p[i] = v
+        return ok
+
+    def decrypt_packet(self, bytes packet, uint32_t mark=0):
+        """One packet: ``(verdict, decrypted packet or None, mark)``."""
+        if self._one is None:
+            self._one = PacketBatch(1, 65536 + 256, 128)
+        cdef PacketBatch one = self._one
+        one.clear()
+        one.add(packet, mark)
+        self.decrypt(one)
+        return one.result(0)
+
+    def stats(self):
+        """Drops counted before an SA was found, by verdict."""
+        return {VERDICTS[v]: self.drops[<int> v] for v in range(1, N_VERDICTS) if self.drops[<int> v]}
