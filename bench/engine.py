@@ -143,7 +143,8 @@ def main() -> None:
     for p in results["points"]:
         extra = (f"  ceiling {p['ceiling_pps'] / 1e6:6.2f} Mpps  ratio {p['ratio']:.2f}"
                  if "ratio" in p else "")
-        print(f"{p['transform']:>18} {p['size']:>5} B  espdp {p['engine_pps'] / 1e6:6.2f} Mpps{extra}")
+        espdp = p["engine_pps"] / 1e6
+        print(f"{p['transform']:>18} {p['size']:>5} B  espdp {espdp:6.2f} Mpps{extra}")
 
 
 if __name__ == "__main__":

@@ -143,7 +143,7 @@ class SAInfo:
     def esn(self) -> bool:
         return "esn" in self.flags
 
-    def replace(self, **changes) -> "SAInfo":
+    def replace(self, **changes) -> SAInfo:
         return replace(self, **changes)
 
     def validate(self) -> None:

@@ -19,6 +19,7 @@ from libc.string cimport memcmp, memcpy, memset
 
 from espdp._crypto cimport AUTH_NONE, transform_free, transform_init
 from espdp._esp cimport *
+from espdp._inet cimport rd32
 from espdp._replay cimport replay_free, replay_init
 
 from espdp import algorithms
@@ -139,7 +140,8 @@ cdef class SA:
         out = {"packets": s.packets, "bytes": s.bytes,
                "replay_window": s.drops[<int> V_REPLAY_WINDOW], "replay": s.drops[<int> V_REPLAY],
                "integrity_failed": s.drops[<int> V_INTEGRITY]}
-        out["drops"] = {VERDICTS[v]: s.drops[<int> v] for v in range(1, N_VERDICTS) if s.drops[<int> v]}
+        out["drops"] = {VERDICTS[v]: s.drops[<int> v]
+                        for v in range(1, N_VERDICTS) if s.drops[<int> v]}
         return out
 
     def encrypt(self, PacketBatch batch):
@@ -285,6 +287,7 @@ cdef class SATable:
         self.slots[h] = index
 
     cdef int _rehash(self, uint32_t nslots) except -1:
+        cdef uint32_t k
         cdef int32_t *slots = <int32_t *> calloc(nslots, sizeof(int32_t))
         if slots == NULL:
             raise MemoryError()
@@ -292,9 +295,10 @@ cdef class SATable:
         self.slots, self.nslots, self.used = slots, nslots, 0
         for k in range(nslots):
             slots[k] = EMPTY
-        for k in range(self.ncores):
-            if self.cores[k] != NULL:
-                self._insert(k)
+        cdef int32_t index
+        for index in range(self.ncores):
+            if self.cores[index] != NULL:
+                self._insert(index)
         return 0
 
     def add(self, SA sa):
@@ -384,6 +388,7 @@ cdef class SATable:
         cdef int i, ok = 0
         cdef outer_info o
         cdef uint8_t *slot
+        cdef uint8_t *packet
         cdef Verdict v
         cdef int32_t index
         with nogil:
@@ -391,13 +396,10 @@ cdef class SATable:
                 batch.flags_p[i] = 0
                 batch.sa_p[i] = -1
                 slot = batch.buf + <size_t> i * batch.slot_size
-                v = parse_outer(slot + batch.off_p[i], batch.len_p[i], &o)
+                packet = slot + batch.off_p[i]
+                v = parse_outer(packet, batch.len_p[i], &o)
                 if v == V_OK:
-                    index = self.find((slot + batch.off_p[i] + o.esp)[0] << 24 |
-                                      (slot + batch.off_p[i] + o.esp)[1] << 16 |
-                                      (slot + batch.off_p[i] + o.esp)[2] << 8 |
-                                      (slot + batch.off_p[i] + o.esp)[3],
-                                      o.family, slot + batch.off_p[i] + o.dst,
+                    index = self.find(rd32(packet + o.esp), o.family, packet + o.dst,
                                       batch.mark_p[i])
                     if index < 0:
                         v = V_NO_SA
@@ -424,4 +426,5 @@ cdef class SATable:
 
     def stats(self):
         """Drops counted before an SA was found, by verdict."""
-        return {VERDICTS[v]: self.drops[<int> v] for v in range(1, N_VERDICTS) if self.drops[<int> v]}
+        return {VERDICTS[v]: self.drops[<int> v]
+                for v in range(1, N_VERDICTS) if self.drops[<int> v]}

@@ -85,9 +85,9 @@ cdef uint32_t _ipv6_esp_offset(const uint8_t *p, uint32_t total, uint32_t *nh_fi
     routing header.  0 when the chain is malformed."""
     cdef uint32_t off = 40
     cdef uint8_t nh = p[6]
-    cdef int k
+    cdef int _k
     nh_field[0] = 6
-    for k in range(MAX_EXT_HEADERS):
+    for _k in range(MAX_EXT_HEADERS):
         if off + 8 > total:
             return off if nh != PROTO_HOPOPTS and nh != PROTO_ROUTING else 0
         if nh == PROTO_DSTOPTS and p[off] != PROTO_ROUTING:
@@ -103,9 +103,9 @@ cdef uint32_t _ipv6_esp_offset(const uint8_t *p, uint32_t total, uint32_t *nh_fi
 
 
 cdef Verdict parse_outer(const uint8_t *p, uint32_t n, outer_info *o) noexcept nogil:
-    cdef uint32_t off, hl, ulen, payload
+    cdef uint32_t off, ulen, payload
     cdef uint8_t proto
-    cdef int k
+    cdef int _k
     o.total = _ip_length(p, n)
     if o.total == 0:
         return V_MALFORMED
@@ -126,7 +126,7 @@ cdef Verdict parse_outer(const uint8_t *p, uint32_t n, outer_info *o) noexcept n
         off = 40
         proto = p[6]
         o.nh_field = 6
-        for k in range(MAX_EXT_HEADERS):
+        for _k in range(MAX_EXT_HEADERS):
             if proto != PROTO_HOPOPTS and proto != PROTO_ROUTING and proto != PROTO_DSTOPTS:
                 break
             if off + 8 > o.total:
