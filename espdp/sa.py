@@ -20,6 +20,7 @@ IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 INFINITY = 0xFFFF_FFFF_FFFF_FFFF  # XFRM_INF: the default byte/packet limit
 
 PROTO_ESP = 50
+MAX_REPLAY_WINDOW = 32768  # what XFRM's replay_esn attribute can carry (4096-byte bitmap)
 MODES = ("transport", "tunnel", "beet")
 SA_FLAGS = {  # name -> XFRM_STATE_* bit
     "noecn": 1, "decap-dscp": 2, "nopmtudisc": 4, "wildrecv": 8,
@@ -161,8 +162,9 @@ class SAInfo:
         unknown = set(self.flags) - SA_FLAGS.keys() | set(self.extra_flags) - SA_EXTRA_FLAGS.keys()
         if unknown:
             raise ConfigError(f"unknown flag(s): {', '.join(sorted(unknown))}")
-        if not 0 <= self.replay_window <= 0xFFFFFFFF:
-            raise ConfigError(f"replay-window {self.replay_window} is out of range")
+        if not 0 <= self.replay_window <= MAX_REPLAY_WINDOW:
+            raise ConfigError(f"replay-window {self.replay_window} is out of range "
+                              f"0..{MAX_REPLAY_WINDOW}")
         if self.esn and self.replay_window == 0 and self.dir != "out":
             raise ConfigError("flag esn needs a replay-window > 0 on an inbound SA")
         if self.encap is not None:

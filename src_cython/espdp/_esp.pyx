@@ -137,7 +137,12 @@ cdef Verdict parse_outer(const uint8_t *p, uint32_t n, outer_info *o) noexcept n
             if off > o.total:
                 return V_MALFORMED
         if proto == PROTO_FRAGMENT:
-            return V_FRAGMENT
+            # RFC 6946: an atomic fragment (offset 0, M clear) is processed as is.
+            if off + 8 > o.total or rd16(p + off + 2) & 0xFFF9 != 0:
+                return V_FRAGMENT
+            o.nh_field = off
+            proto = p[off]
+            off += 8
     o.ip_len = off
     o.udp = proto == PROTO_UDP
     if proto == PROTO_UDP:
@@ -234,21 +239,34 @@ cdef inline bint _next_seq(sa_core *sa, uint64_t *seq) noexcept nogil:
     return True
 
 
-cdef inline bint _hard_limit(const sa_core *sa) noexcept nogil:
-    return sa.stats.packets >= sa.hard_packets or sa.stats.bytes >= sa.hard_bytes
-
-
-cdef inline void _count(sa_core *sa, uint32_t nbytes, uint8_t *flags) noexcept nogil:
-    sa.stats.packets += 1
-    sa.stats.bytes += nbytes
+cdef inline bint _limits_ok(sa_core *sa, uint8_t *flags) noexcept nogil:
+    """XFRM's xfrm_state_check_expire: the limits are compared with the counts
+    *before* this packet, so a hard limit of N lets N packets through and a
+    soft limit of N is reported with packet N + 1 (a limit of 0: at once)."""
+    if sa.stats.packets >= sa.hard_packets or sa.stats.bytes >= sa.hard_bytes:
+        return False
     if not sa.soft_fired and (sa.stats.packets >= sa.soft_packets or
                               sa.stats.bytes >= sa.soft_bytes):
         sa.soft_fired = True
         flags[0] |= F_SOFT_EXPIRED
+    return True
+
+
+cdef inline void _count(sa_core *sa, uint32_t nbytes) noexcept nogil:
+    sa.stats.packets += 1
+    sa.stats.bytes += nbytes
 
 
 cdef Verdict esp_output(sa_core *sa, uint8_t *slot, uint32_t slot_size, uint32_t *off,
                         uint32_t *length, uint32_t *mark, uint8_t *flags) noexcept nogil:
+    cdef Verdict v = _output(sa, slot, slot_size, off, length, mark, flags)
+    if v != V_OK:
+        sa.stats.drops[<int> v] += 1
+    return v
+
+
+cdef Verdict _output(sa_core *sa, uint8_t *slot, uint32_t slot_size, uint32_t *off,
+                     uint32_t *length, uint32_t *mark, uint8_t *flags) noexcept nogil:
     cdef uint8_t *p = slot + off[0]
     cdef uint32_t n = _ip_length(p, length[0])
     cdef uint32_t hdr_len = 0, nh_field = 0, payload_len, tfc = 0, pad, text_len
@@ -268,7 +286,7 @@ cdef Verdict esp_output(sa_core *sa, uint8_t *slot, uint32_t slot_size, uint32_t
         payload_len = n
         nh = PROTO_IPIP if p[0] >> 4 == 4 else PROTO_IPV6
         outer_len = 20 if sa.family == 4 else 40
-        if tfc < sa.tfcpad and sa.tfcpad > n:
+        if sa.tfcpad > n:
             tfc = sa.tfcpad - n
     else:
         if p[0] >> 4 != sa.family:
@@ -288,14 +306,13 @@ cdef Verdict esp_output(sa_core *sa, uint8_t *slot, uint32_t slot_size, uint32_t
     text_len = payload_len + tfc + pad + 2
     esp = payload - 8 - sa.xf.iv_len
     start = esp - udp_len - outer_len
-    if start < slot or <uint32_t> (payload - slot) + text_len + sa.xf.icv_len > slot_size:
-        sa.stats.drops[<int> V_TOO_BIG] += 1
+    total = outer_len + udp_len + 8 + sa.xf.iv_len + text_len + sa.xf.icv_len
+    if (start < slot or total > 0xFFFF or
+            <uint32_t> (payload - slot) + text_len + sa.xf.icv_len > slot_size):
         return V_TOO_BIG
-    if _hard_limit(sa):
-        sa.stats.drops[<int> V_LIMIT] += 1
+    if not _limits_ok(sa, flags):
         return V_LIMIT
     if not _next_seq(sa, &seq):
-        sa.stats.drops[<int> V_SEQ_OVERFLOW] += 1
         return V_SEQ_OVERFLOW
     # The inner header is about to be encrypted: take what the outer one copies.
     outer_tos = _encap_tos(sa, _tos(p))
@@ -311,9 +328,7 @@ cdef Verdict esp_output(sa_core *sa, uint8_t *slot, uint32_t slot_size, uint32_t
     wr32(esp, sa.spi)
     wr32(esp + 4, <uint32_t> seq)
     if esp_seal(&sa.xf, esp, text_len, seq, sa.esn) != 0:
-        sa.stats.drops[<int> V_CRYPTO_ERROR] += 1
         return V_CRYPTO_ERROR
-    total = outer_len + udp_len + 8 + sa.xf.iv_len + text_len + sa.xf.icv_len
     if sa.tunnel:
         _outer_header(sa, start, total, PROTO_UDP if sa.encap else PROTO_ESP, outer_tos, df)
     else:
@@ -325,7 +340,7 @@ cdef Verdict esp_output(sa_core *sa, uint8_t *slot, uint32_t slot_size, uint32_t
             wr16(start + 4, total - 40)
     if sa.encap:
         _udp_header(start + outer_len, sa, total - outer_len, start)
-    _count(sa, n, flags)
+    _count(sa, n)
     if sa.has_set_mark:
         mark[0] = (mark[0] & ~sa.set_mark_m) | (sa.set_mark_v & sa.set_mark_m)
     off[0] = <uint32_t> (start - slot)
@@ -398,7 +413,7 @@ cdef Verdict esp_input(sa_core *sa, const outer_info *o, uint8_t *slot, uint32_t
         return _drop(sa, V_ENCAP_MISMATCH)
     if text_len < 2 or (sa.xf.cipher == CIPHER_AES_CBC and text_len % 16 != 0):
         return _drop(sa, V_MALFORMED)
-    if _hard_limit(sa):
+    if not _limits_ok(sa, flags):
         return _drop(sa, V_LIMIT)
     v = _replay_verdict(replay_check(&sa.replay, rd32(esp + 4), &seq))
     if v != V_OK:
@@ -418,7 +433,7 @@ cdef Verdict esp_input(sa_core *sa, const outer_info *o, uint8_t *slot, uint32_t
     if sa.encap and (memcmp(p + o.src, sa.src, alen) != 0 or o.sport != sa.sport):
         flags[0] |= F_MAPPING
     if nh == PROTO_NONE:
-        _count(sa, payload_len, flags)
+        _count(sa, payload_len)
         return _drop(sa, V_DUMMY)
     if sa.tunnel:
         # The inner length drops TFC padding (RFC 4303 2.7).
@@ -429,7 +444,7 @@ cdef Verdict esp_input(sa_core *sa, const outer_info *o, uint8_t *slot, uint32_t
         v = _decap_ecn(sa, o.tos, text)
         if v != V_OK:
             return _drop(sa, v)
-        _count(sa, inner_len, flags)
+        _count(sa, inner_len)
         off[0] = <uint32_t> (text - slot)
         length[0] = inner_len
         return V_OK
@@ -442,7 +457,7 @@ cdef Verdict esp_input(sa_core *sa, const outer_info *o, uint8_t *slot, uint32_t
         _ipv4_checksum(start)
     else:
         wr16(start + 4, o.ip_len - 40 + payload_len)
-    _count(sa, o.ip_len + payload_len, flags)
+    _count(sa, o.ip_len + payload_len)
     off[0] = <uint32_t> (start - slot)
     length[0] = o.ip_len + payload_len
     return V_OK

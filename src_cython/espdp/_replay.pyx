@@ -23,10 +23,16 @@ from libc.stdint cimport uint32_t, uint64_t
 cdef enum:
     BLOCK_BITS = 64
 
+# The largest window XFRM can carry (its replay_esn bitmap attribute holds
+# 4096 bytes); espdp takes the same limit.
+MAX_WINDOW = 32768
+
 
 cdef int replay_init(replay_state *r, uint32_t window, bint esn, uint64_t top) except -1:
-    cdef uint32_t needed = (window + BLOCK_BITS - 1) // BLOCK_BITS + 1
+    cdef uint64_t needed = (<uint64_t> window + BLOCK_BITS - 1) // BLOCK_BITS + 1
     cdef uint32_t n = 1
+    if window > MAX_WINDOW:
+        raise ValueError(f"replay window {window} is larger than {MAX_WINDOW}")
     while n < needed:
         n <<= 1
     r.top = top
@@ -164,7 +170,7 @@ cdef class ReplayWindow:
             return 0
         for i in range(min(<uint64_t> self.state.window, self.state.top)):
             if replay_seen(&self.state, self.state.top - i):
-                bits |= 1 << i
+                bits |= (<object> 1) << i      # a Python int: windows exceed 64 bits
         return bits
 
     def import_state(self, uint64_t top, bitmap):
