@@ -1,6 +1,7 @@
 """Typed stub of the compiled engine objects (src_cython/espdp/_engine.pyx)."""
 
-from typing import Iterator, Optional
+from collections.abc import Iterator
+from typing import Optional
 
 import numpy as np
 import numpy.typing as npt
