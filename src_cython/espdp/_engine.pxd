@@ -7,6 +7,7 @@ cdef class SA:
     cdef readonly object info
     cdef readonly int index          # position in its SATable, -1 when in none
     cdef object _one                 # a one-slot PacketBatch for encrypt_packet
+    cdef _set_mutable(self, info)
 
 cdef class PacketBatch:
     cdef readonly int capacity

@@ -20,7 +20,7 @@ from libc.string cimport memcmp, memcpy, memset
 from espdp._crypto cimport AUTH_NONE, transform_free, transform_init
 from espdp._esp cimport *
 from espdp._inet cimport rd32
-from espdp._replay cimport replay_free, replay_init
+from espdp._replay cimport replay_export, replay_free, replay_import, replay_init
 
 from espdp import algorithms
 from espdp.errors import ConfigError
@@ -97,12 +97,26 @@ cdef class SA:
         c.tfcpad = info.tfcpad
         c.ttl = info.ttl
         c.oseq = (<uint64_t> info.replay_oseq_hi << 32 if info.esn else 0) | info.replay_oseq
-        lft = info.lifetime
-        c.soft_bytes, c.hard_bytes = lft.soft_bytes, lft.hard_bytes
-        c.soft_packets, c.hard_packets = lft.soft_packets, lft.hard_packets
         top = ((<uint64_t> info.replay_seq_hi << 32) if info.esn else 0) | info.replay_seq
         replay_init(&c.replay, info.replay_window, info.esn, top)
         _init_crypto(c, info)
+        self._set_mutable(info)
+
+    cdef _set_mutable(self, info):
+        # What UPDSA and MIGRATE may change on a valid SA: addresses, encap,
+        # set-mark and lifetimes -- never keys, algorithms or replay state.
+        cdef sa_core *c = &self.core
+        _address(c.src, info.src)
+        _address(c.dst, info.dst)
+        c.encap = info.encap is not None
+        c.sport = info.encap.sport if c.encap else 0
+        c.dport = info.encap.dport if c.encap else 0
+        c.has_set_mark = info.set_mark is not None
+        c.set_mark_v = info.set_mark.value if c.has_set_mark else 0
+        c.set_mark_m = info.set_mark.mask if c.has_set_mark else 0
+        lft = info.lifetime
+        c.soft_bytes, c.hard_bytes = lft.soft_bytes, lft.hard_bytes
+        c.soft_packets, c.hard_packets = lft.soft_packets, lft.hard_packets
 
     def __dealloc__(self):
         transform_free(&self.core.xf)
@@ -133,6 +147,38 @@ cdef class SA:
     @property
     def soft_expired(self):
         return bool(self.core.soft_fired)
+
+    def update(self, info):
+        """Take the fields XFRM lets change on a valid SA (UPDSA, MIGRATE):
+        addresses, encap, set-mark, lifetimes.  Keys, algorithms, SPI, mode
+        and replay state must be the same; a soft limit can fire again."""
+        info.validate()
+        old = self.info
+        for name in ("spi", "mode", "aead", "enc", "auth", "flags", "replay_window"):
+            if getattr(info, name) != getattr(old, name):
+                raise ConfigError(f"{name} of a valid SA cannot change")
+        if info.family != old.family:
+            raise ConfigError("the address family of a valid SA cannot change")
+        if (info.encap is None) != (old.encap is None):
+            raise ConfigError("encapsulation cannot be added to or removed from a valid SA")
+        self._set_mutable(info)
+        if info.lifetime != old.lifetime:
+            self.core.soft_fired = False
+        self.info = info
+
+    def replay_state(self):
+        """XFRM GETAE: ``{"seq", "seq_hi", "oseq", "oseq_hi", "bitmap", "window"}``
+        (``seq`` is the inbound top; ``bitmap`` bit i means top - i was seen)."""
+        cdef uint64_t top = self.core.replay.top, oseq = self.core.oseq
+        return {"seq": top & 0xFFFFFFFF, "seq_hi": top >> 32,
+                "oseq": oseq & 0xFFFFFFFF, "oseq_hi": oseq >> 32,
+                "bitmap": replay_export(&self.core.replay), "window": self.core.replay.window}
+
+    def set_replay_state(self, uint64_t seq, uint64_t oseq, bitmap=0):
+        """XFRM NEWAE: replace the inbound top and window bits and the outbound
+        sequence number (64-bit values: with ESN the high halves included)."""
+        replay_import(&self.core.replay, seq, bitmap)
+        self.core.oseq = oseq
 
     def stats(self):
         """Counters: packets, bytes, the XFRM stats and a drop count per verdict."""

@@ -20,6 +20,8 @@ cdef ReplayResult replay_check(const replay_state *r, uint32_t seq_lo,
                                uint64_t *seq) noexcept nogil
 cdef void replay_advance(replay_state *r, uint64_t seq) noexcept nogil
 cdef bint replay_seen(const replay_state *r, uint64_t seq) noexcept nogil
+cdef object replay_export(const replay_state *r)
+cdef void replay_import(replay_state *r, uint64_t top, object bitmap)
 
 cdef class ReplayWindow:
     cdef replay_state state

@@ -164,25 +164,35 @@ cdef class ReplayWindow:
 
     def export_bitmap(self):
         """Bits of the window as an int: bit i set when ``top - i`` was seen."""
-        cdef uint64_t i
-        bits = 0
-        if self.state.window == 0:
-            return 0
-        for i in range(min(<uint64_t> self.state.window, self.state.top)):
-            if replay_seen(&self.state, self.state.top - i):
-                bits |= (<object> 1) << i      # a Python int: windows exceed 64 bits
-        return bits
+        return replay_export(&self.state)
 
     def import_state(self, uint64_t top, bitmap):
         """Replace the window with ``top`` and a bitmap as export_bitmap gives it."""
-        cdef uint64_t i
-        cdef uint32_t k
-        for k in range(self.state.nblocks):
-            self.state.ring[k] = 0
-        self.state.top = top
-        if self.state.window == 0:
-            return
-        for i in range(min(<uint64_t> self.state.window, top)):
-            if (bitmap >> i) & 1:
-                self.state.ring[((top - i) // BLOCK_BITS) & (self.state.nblocks - 1)] |= \
-                    (<uint64_t> 1) << ((top - i) % BLOCK_BITS)
+        replay_import(&self.state, top, bitmap)
+
+
+cdef object replay_export(const replay_state *r):
+    """The window as a Python int: bit i set when ``top - i`` was seen (GETAE)."""
+    cdef uint64_t i
+    bits = 0
+    if r.window == 0:
+        return 0
+    for i in range(min(<uint64_t> r.window, r.top)):
+        if replay_seen(r, r.top - i):
+            bits |= (<object> 1) << i      # a Python int: windows exceed 64 bits
+    return bits
+
+
+cdef void replay_import(replay_state *r, uint64_t top, object bitmap):
+    """Replace the window with ``top`` and a bitmap as replay_export gives it (NEWAE)."""
+    cdef uint64_t i, s
+    cdef uint32_t k
+    for k in range(r.nblocks):
+        r.ring[k] = 0
+    r.top = top
+    if r.window == 0:
+        return
+    for i in range(min(<uint64_t> r.window, top)):
+        if (bitmap >> i) & 1:
+            s = top - i
+            r.ring[(s // BLOCK_BITS) & (r.nblocks - 1)] |= (<uint64_t> 1) << (s % BLOCK_BITS)
