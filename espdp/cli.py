@@ -1,6 +1,7 @@
 """The ``espdp`` command.
 
     espdp demo                                   the engine on a generated capture
+    espdp algs [--json] [--measure] [--proposal] the ESP transforms this build really has
     espdp pcap decrypt --xfrm SAS IN OUT [--json]
     espdp pcap encrypt --xfrm SAS --spi SPI IN OUT [--keys-out FILE] [--json]
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the engine on a generated capture and report")
     demo.add_argument("--packets", type=int, default=3000)
     demo.add_argument("--json", action="store_true")
+    algs = sub.add_parser("algs", add_help=False,
+                          help="list the ESP transforms that pass their known-answer tests")
+    algs.add_argument("algs_args", nargs=argparse.REMAINDER)
     pcap = sub.add_parser("pcap", help="decrypt or encrypt a capture offline")
     actions = pcap.add_subparsers(dest="action", required=True, parser_class=_Parser)
     dec = actions.add_parser("decrypt", help="decrypt the ESP packets of a capture")
@@ -69,8 +74,13 @@ def _print_report(report, action: str, as_json: bool) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv[:1] == ["algs"]:  # its own options, parsed by espdp.algs
+            from .algs import main as algs_main
+
+            return algs_main(argv[1:])
+        args = _parser().parse_args(argv)
         if args.command == "demo":
             from .demo import run_demo
 
@@ -87,6 +97,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except EspdpError as e:
         print(f"espdp: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # `espdp ... | head`: the reader left, nothing to report
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps the interpreter quiet at exit
+        return 0
     except OSError as e:
         print(f"espdp: {e.filename or ''}: {e.strerror}", file=sys.stderr)
         return EXIT_USAGE

@@ -136,3 +136,12 @@ def test_demo_round_trip_succeeds():
     summary = json.loads(proc.stdout)
     assert summary["identical"] and summary["packets"] == 300
     assert summary["replay_dropped"] == 1 and summary["integrity_dropped"] == 1
+
+
+def test_algs_lists_transforms_that_passed_their_known_answer_tests():
+    proc = subprocess.run([sys.executable, "-m", "espdp", "algs", "--json"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    reports = json.loads(proc.stdout)
+    gcm = [r for r in reports if r["keyword"] == "aes128gcm16"]
+    assert gcm and gcm[0]["kat_passed"] and gcm[0]["usable"]
