@@ -36,6 +36,7 @@ cdef struct transform:
     uint8_t salt[4]
     EVP_CIPHER_CTX *seal_ctx
     EVP_CIPHER_CTX *open_ctx
+    EVP_CIPHER_CTX *iv_ctx   # CBC: AES-ECB under a random per-SA key, IV = E(seq)
     EVP_MAC_CTX *seal_mac
     EVP_MAC_CTX *open_mac
 

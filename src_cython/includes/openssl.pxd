@@ -27,6 +27,7 @@ cdef extern from "openssl/evp.h" nogil:
     const EVP_CIPHER *EVP_aes_192_ctr()
     const EVP_CIPHER *EVP_aes_256_ctr()
     const EVP_CIPHER *EVP_chacha20_poly1305()
+    const EVP_CIPHER *EVP_aes_128_ecb()
 
     EVP_CIPHER_CTX *EVP_CIPHER_CTX_new()
     void EVP_CIPHER_CTX_free(EVP_CIPHER_CTX *ctx)
