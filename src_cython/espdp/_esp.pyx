@@ -168,8 +168,26 @@ cdef Verdict parse_outer(const uint8_t *p, uint32_t n, outer_info *o) noexcept n
     return V_OK
 
 
+cdef const uint8_t *_final_destination(const uint8_t *ip, uint32_t hdr_len) noexcept nogil:
+    """RFC 8200 8.1: the pseudo header names the final destination, which a
+    routing header with segments left carries (type 0/2: its last address;
+    type 4, SRv6: segment list[0])."""
+    cdef uint32_t off = 40
+    cdef uint8_t nh = ip[6]
+    while off + 8 <= hdr_len and (nh == PROTO_HOPOPTS or nh == PROTO_ROUTING or
+                                  nh == PROTO_DSTOPTS):
+        if nh == PROTO_ROUTING and ip[off + 3] > 0 and ip[off + 1] >= 2:
+            if ip[off + 2] == 4:
+                return ip + off + 8
+            if ip[off + 2] in (0, 2):
+                return ip + off + (ip[off + 1] + 1) * 8 - 16
+        nh = ip[off]
+        off += (ip[off + 1] + 1) * 8
+    return ip + 24
+
+
 cdef void _udp_header(uint8_t *udp, const sa_core *sa, uint32_t length,
-                      const uint8_t *ip) noexcept nogil:
+                      const uint8_t *ip, uint32_t hdr_len) noexcept nogil:
     cdef uint64_t acc
     cdef uint16_t check
     wr16(udp, sa.sport)
@@ -178,7 +196,8 @@ cdef void _udp_header(uint8_t *udp, const sa_core *sa, uint32_t length,
     wr16(udp + 6, 0)
     if sa.family == 6:
         # RFC 8200 8.1: the checksum is mandatory; pseudo header + UDP datagram.
-        acc = csum_partial(ip + 8, 32, 0)
+        acc = csum_partial(ip + 8, 16, 0)
+        acc = csum_partial(_final_destination(ip, hdr_len), 16, acc)
         acc += length + PROTO_UDP
         check = csum_fold(csum_partial(udp, length, acc))
         wr16(udp + 6, check if check != 0 else 0xFFFF)
@@ -339,7 +358,7 @@ cdef Verdict _output(sa_core *sa, uint8_t *slot, uint32_t slot_size, uint32_t *o
         else:
             wr16(start + 4, total - 40)
     if sa.encap:
-        _udp_header(start + outer_len, sa, total - outer_len, start)
+        _udp_header(start + outer_len, sa, total - outer_len, start, outer_len)
     _count(sa, n)
     if sa.has_set_mark:
         mark[0] = (mark[0] & ~sa.set_mark_m) | (sa.set_mark_v & sa.set_mark_m)
