@@ -73,3 +73,12 @@ def test_new_lifetime_lets_a_soft_limit_fire_again():
     assert sa.soft_expired
     sa.update(info.replace(lifetime=Lifetime(soft_packets=10)))
     assert not sa.soft_expired
+
+
+def test_algorithm_ids_agree_between_python_and_the_engine():
+    from espdp import algorithms
+    from espdp._crypto import ENGINE_IDS
+
+    assert ENGINE_IDS == {name: getattr(algorithms, name) for name in ENGINE_IDS}
+    assert {a.engine_id for a in algorithms.ALGORITHMS if a.kind != "auth"} <= {
+        v for k, v in ENGINE_IDS.items() if k.startswith("CIPHER_")}

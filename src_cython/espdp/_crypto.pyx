@@ -333,3 +333,16 @@ cdef class Transform:
         if esp_open(&self.t, &view[0], length, seq, esn) != 0:
             return None
         return bytes(buf[:len(buf) - self.t.icv_len])
+
+
+# The engine's ids as Python sees them; tests check espdp.algorithms agrees.
+ENGINE_IDS = {
+    "CIPHER_NULL": CIPHER_NULL, "CIPHER_AES_CBC": CIPHER_AES_CBC,
+    "CIPHER_AES_CTR": CIPHER_AES_CTR, "CIPHER_AES_GCM": CIPHER_AES_GCM,
+    "CIPHER_AES_GMAC": CIPHER_AES_GMAC, "CIPHER_AES_CCM": CIPHER_AES_CCM,
+    "CIPHER_CHACHA20_POLY1305": CIPHER_CHACHA20_POLY1305,
+    "AUTH_NONE": AUTH_NONE, "AUTH_HMAC_SHA1": AUTH_HMAC_SHA1,
+    "AUTH_HMAC_SHA256": AUTH_HMAC_SHA256, "AUTH_HMAC_SHA384": AUTH_HMAC_SHA384,
+    "AUTH_HMAC_SHA512": AUTH_HMAC_SHA512, "AUTH_CMAC_AES": AUTH_CMAC_AES,
+    "AUTH_HMAC_MD5": AUTH_HMAC_MD5,
+}
