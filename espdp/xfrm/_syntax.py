@@ -253,3 +253,47 @@ PROTO_NAMES = {number: name for name, number in reversed(IP_PROTOS.items()) if n
 PORT_PROTOS = (0, 6, 17, 33, 132)
 ICMP_PROTOS = (1, 58, 135)
 GRE = 47
+
+
+# (word, meaning) in iproute2's order of trial (ip/xfrm.c).
+OBJECT_WORDS = (("state", "state"), ("sa", "state"), ("policy", "policy"), ("monitor", None))
+
+
+def skip_ip_xfrm(words: Words, obj: str = "") -> Optional[str]:
+    """Skip ``[ip] [xfrm]`` (``xfrm`` abbreviated as iproute2 allows); the last skipped."""
+    after = None
+    if words.peek() == "ip":
+        after = words.take()
+        if not words or not matches(words.peek(), "xfrm"):
+            expected = f"only 'ip xfrm {obj}' commands are supported here" if obj else \
+                "expected 'xfrm' after 'ip'"
+            raise words.error(f"{show(words.peek() or 'ip')}: {expected}")
+    if words and matches(words.peek(), "xfrm"):
+        after = words.take()
+    return after
+
+
+def take_verb(words: Words, obj: str, verb_words: tuple) -> str:
+    """Skip ``[ip] [xfrm] [OBJ]`` and return the verb (``list`` when none),
+    with prefix abbreviations as iproute2 takes them; ``verb_words`` is
+    ((word, verb or None for recognised-but-refused), ...) in trial order."""
+    only = f"only 'ip xfrm {obj}' commands are supported here"
+    after = skip_ip_xfrm(words, obj)
+    found = by_prefix(words.peek() or "", OBJECT_WORDS)
+    if found is not None:
+        word = words.take()
+        if found[1] != obj:
+            raise words.error(f"'{word}': {only}")
+    elif after is not None:
+        raise words.error(f"'{after}': expected '{obj}' after it, got "
+                          f"{show(words.peek()) if words else 'nothing'}")
+    if not words:
+        return "list"  # `ip xfrm state` / `ip xfrm policy` list
+    word = words.take()
+    found = by_prefix(word, verb_words)
+    if found is None:
+        raise words.error(f"unknown command {show(word)}")
+    if found[1] is None:
+        full = "" if word == found[0] else f" ({found[0]})"
+        raise words.error(f"'{word}'{full}: this command is not supported")
+    return found[1]

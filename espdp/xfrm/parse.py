@@ -84,13 +84,13 @@ from ._syntax import (
     by_prefix,
     lex,
     logical_lines,
-    matches,
     parse_int,
     read_address,
     read_key,
     read_number,
     read_prefix,
     show,
+    take_verb,
     tokenize,
 )
 
@@ -140,42 +140,16 @@ class StateCommand:
 # ---------------------------------------------------------------- command words
 
 # (word, meaning) in iproute2's order of trial; None: recognised, refused.
-_OBJECTS = (("state", "state"), ("sa", "state"), ("policy", None), ("monitor", None))
 _VERB_WORDS = (
     ("add", "add"), ("update", "update"), ("allocspi", "allocspi"), ("delete", "delete"),
     ("deleteall", None), ("delall", None), ("list", "list"), ("show", "list"),
     ("lst", "list"), ("get", "get"), ("flush", "flush"), ("count", "count"), ("help", None),
 )
-_ONLY_STATE = "only 'ip xfrm state' commands are supported here"
 
 
 def _command(words: Words) -> str:
     """Skip ``[ip] [xfrm] [state]`` (abbreviated as iproute2 allows); the verb."""
-    after = None  # the last of "ip" / "xfrm" skipped, which must be followed by more
-    if words.peek() == "ip":
-        after = words.take()
-        if not words or not matches(words.peek(), "xfrm"):
-            raise words.error(f"{show(words.peek() or 'ip')}: {_ONLY_STATE}")
-    if words and matches(words.peek(), "xfrm"):
-        after = words.take()
-    found = by_prefix(words.peek() or "", _OBJECTS)
-    if found is not None:
-        word = words.take()
-        if found[1] is None:
-            raise words.error(f"'{word}': {_ONLY_STATE}")
-    elif after is not None:
-        raise words.error(f"'{after}': expected 'state' after it, got "
-                          f"{show(words.peek()) if words else 'nothing'}")
-    if not words:
-        return "list"  # `ip xfrm state` lists
-    word = words.take()
-    found = by_prefix(word, _VERB_WORDS)
-    if found is None:
-        raise words.error(f"unknown command {show(word)}")
-    if found[1] is None:
-        full = "" if word == found[0] else f" ({found[0]})"
-        raise words.error(f"'{word}'{full}: this command is not supported")
-    return found[1]
+    return take_verb(words, "state", _VERB_WORDS)
 
 
 # ---------------------------------------------------------------- word handlers
