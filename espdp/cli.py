@@ -3,7 +3,7 @@
     espdp demo                                   the engine on a generated capture
     espdp algs [--json] [--measure] [--proposal] the ESP transforms this build really has
     espdp pcap decrypt --xfrm SAS IN OUT [--json]
-    espdp pcap encrypt --xfrm SAS --spi SPI IN OUT [--keys-out FILE] [--json]
+    espdp pcap encrypt --xfrm SAS [--spi SPI] IN OUT [--keys-out FILE] [--json]
 
 Exit status: 0 when the work was done (dropped packets are reported, not
 fatal), 2 with a one-line message for bad arguments or a bad file.
@@ -54,11 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     enc = actions.add_parser("encrypt", help="encrypt every IP packet of a capture with one SA")
     for p in (dec, enc):
         p.add_argument("--xfrm", type=Path, required=True, metavar="FILE",
-                       help="SAs as 'ip xfrm state add' lines")
+                       help="SAs (and policies) as 'ip xfrm state|policy add' lines")
         p.add_argument("input", type=Path, metavar="IN.pcap")
         p.add_argument("output", type=Path, metavar="OUT.pcap")
         p.add_argument("--json", action="store_true", help="print the report as JSON")
-    enc.add_argument("--spi", type=_spi, required=True)
+    enc.add_argument("--spi", type=_spi,
+                     help="encrypt everything with this SA (default: choose by 'dir out' policy)")
     enc.add_argument("--keys-out", type=Path, metavar="FILE",
                      help="write the SAs as a Wireshark esp_sa file (mode 0600)")
     return parser

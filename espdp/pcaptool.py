@@ -2,9 +2,12 @@
 
 The same engine as the tunnel runs over packets read from a pcap or pcapng
 file, in batches, streaming (memory does not grow with the capture).
-Decryption finds each packet's SA by (destination, SPI, proto) as XFRM does;
-encryption uses one SA chosen by SPI, its sequence numbers continuing after
-the SA's ``replay-oseq``.  Drops are counted and reported, never fatal.
+Decryption finds each packet's SA by (destination, SPI, proto) as XFRM does.
+Encryption uses one SA chosen by SPI, or, without one, chooses the SA of
+each packet through the file's ``dir out`` policies as the kernel would
+(packets that would trigger an ACQUIRE are counted, packets a policy lets
+through in the clear are written as they are); sequence numbers continue
+after each SA's ``replay-oseq``.  Drops are counted and reported, never fatal.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ from typing import Optional
 
 from . import pcap
 from .engine import SA, VERDICTS, PacketBatch, SATable
-from .errors import ConfigError
-from .sa import SAInfo
-from .xfrm.parse import parse_state_file
+from .errors import ConfigError, XfrmError
+from .xfrm._syntax import logical_lines
+from .xfrm.model import Xfrm
+from .xfrm.policy import flow_of_packet
+from .xfrm.policy_parse import parse_xfrm_file
 
 BATCH = 64
 SLOT = 65536 + 256   # any IP packet, plus headroom and ESP trailer
@@ -34,27 +39,30 @@ class Report:
     not_ip: int = 0
     verdicts: dict = field(default_factory=dict)  # verdict -> packets
     sas: list = field(default_factory=list)
+    acquires: int = 0  # ACQUIRE events (one per flow identity, as the kernel sends them)
 
     def as_dict(self) -> dict:
         return {"frames": self.frames, "written": self.written, "not_ip": self.not_ip,
-                "verdicts": dict(sorted(self.verdicts.items())), "sas": self.sas}
+                "verdicts": dict(sorted(self.verdicts.items())), "acquires": self.acquires,
+                "sas": self.sas}
 
 
-def load_sas(path: Path) -> list[SAInfo]:
-    """The SAs of an ``ip xfrm state add|update`` file (other verbs are refused)."""
+def load_xfrm(path: Path) -> Xfrm:
+    """An XFRM model holding the SAs and policies of an ``ip xfrm`` file."""
     try:
         text = Path(path).read_text()
     except OSError as e:
         raise ConfigError(f"{path}: {e.strerror}") from None
-    infos = []
-    for command in parse_state_file(text, str(path)):
-        if command.verb not in ("add", "update"):
-            raise ConfigError(f"{path}: only 'state add' and 'state update' lines belong in an "
-                              f"SA file, found 'state {command.verb}'")
-        infos.append(command.info)
-    if not infos:
-        raise ConfigError(f"{path}: no SAs in the file")
-    return infos
+    parse_xfrm_file(text, str(path))  # every syntax error, with its line, before acting
+    model = Xfrm()
+    for lineno, line in logical_lines(text):
+        if not line.strip():
+            continue
+        try:
+            model.execute(line, now=0.0)
+        except XfrmError as e:
+            raise ConfigError(f"{path}:{lineno}: {e}") from None
+    return model
 
 
 def _sa_summary(sa: SA) -> dict:
@@ -98,30 +106,77 @@ def _run(packets: Iterable[pcap.CapturedPacket], out: Path, process, report: Rep
             _drain(batch, writer, times, report)
 
 
+def _table(model: Xfrm, sa_file: Path) -> SATable:
+    if not len(model.sad.table):
+        raise ConfigError(f"{sa_file}: no SAs in the file")
+    return model.sad.table
+
+
 def decrypt_capture(sa_file: Path, capture: Path, out: Path) -> Report:
-    table = SATable()
-    sas = [SA(info) for info in load_sas(sa_file)]
-    for sa in sas:
-        table.add(sa)
+    table = _table(load_xfrm(sa_file), sa_file)
+    sas = list(table)
     report = Report()
     _run(pcap.read_packets(capture), out, table.decrypt, report)
     report.sas = [_sa_summary(sa) for sa in sas]
     return report
 
 
-def encrypt_capture(sa_file: Path, spi: int, capture: Path, out: Path,
+def encrypt_capture(sa_file: Path, spi: Optional[int], capture: Path, out: Path,
                     keys_out: Optional[Path] = None) -> Report:
-    infos = load_sas(sa_file)
-    chosen = [info for info in infos if info.spi == spi]
+    if spi is None:
+        return encrypt_by_policy(sa_file, capture, out, keys_out)
+    table = _table(load_xfrm(sa_file), sa_file)
+    chosen = [sa for sa in table if sa.spi == spi]
     if not chosen:
-        known = ", ".join(f"{info.spi:#x}" for info in infos)
+        known = ", ".join(f"{sa.spi:#x}" for sa in table)
         raise ConfigError(f"{sa_file}: no SA with spi {spi:#x} (the file has {known})")
-    sa = SA(chosen[0])
+    sa = chosen[0]
     if keys_out is not None:
-        pcap.write_wireshark_esp_sa(keys_out, infos)
+        pcap.write_wireshark_esp_sa(keys_out, [s.info for s in table])
     report = Report()
     _run(pcap.read_packets(capture), out, sa.encrypt, report)
     report.sas = [_sa_summary(sa)]
+    return report
+
+
+def encrypt_by_policy(sa_file: Path, capture: Path, out: Path,
+                      keys_out: Optional[Path] = None) -> Report:
+    """Each packet through the ``dir out`` policies: encrypt, clear, block or acquire."""
+    model = load_xfrm(sa_file)
+    acquires = []
+    model.subscribe(acquires.append, groups=("acquire",))  # someone listens, as a daemon would
+    if keys_out is not None:
+        pcap.write_wireshark_esp_sa(keys_out, [sa.info for sa in model.sad.table])
+    report = Report()
+    batch, times = PacketBatch(BATCH, SLOT, HEADROOM), []
+    with pcap.PcapWriter(out) as writer:
+        for packet in pcap.read_packets(capture):
+            report.frames += 1
+            flow = flow_of_packet(packet.ip) if packet.ip is not None else None
+            if flow is None:
+                report.not_ip += 1
+                continue
+            decision = model.outbound(flow, now=0.0)
+            if decision.action == "encrypt":
+                batch.add(packet.ip, 0, decision.sa.index)
+                times.append(packet.timestamp)
+                if batch.count == BATCH:
+                    model.sad.table.encrypt(batch)
+                    _drain(batch, writer, times, report)
+                continue
+            if batch.count:  # keep the capture's order
+                model.sad.table.encrypt(batch)
+                _drain(batch, writer, times, report)
+            verdict = "acquire" if decision.action in ("drop", "queued") else decision.action
+            report.verdicts[verdict] = report.verdicts.get(verdict, 0) + 1
+            if decision.action == "clear":
+                writer.write(packet.ip, packet.timestamp)
+                report.written += 1
+        if batch.count:
+            model.sad.table.encrypt(batch)
+            _drain(batch, writer, times, report)
+    report.sas = [_sa_summary(sa) for sa in model.sad.table]
+    report.acquires = len(acquires)
     return report
 
 
@@ -129,9 +184,13 @@ def format_report(report: Report, action: str) -> str:
     """A person's view: totals, then one line per SA."""
     lines = [f"{action}: {report.frames} frames, {report.written} packets written"
              + (f", {report.not_ip} not IP" if report.not_ip else "")]
-    drops = {v: n for v, n in report.verdicts.items() if v != "ok"}
+    drops = {v: n for v, n in report.verdicts.items() if v not in ("ok", "clear")}
     if drops:
         lines.append("  dropped: " + ", ".join(f"{v} {n}" for v, n in sorted(drops.items())))
+    if report.verdicts.get("clear"):
+        lines.append(f"  sent in the clear by policy: {report.verdicts['clear']}")
+    if report.acquires:
+        lines.append(f"  ACQUIRE events: {report.acquires}")
     for s in report.sas:
         other = {k: v for k, v in s["drops"].items()
                  if k not in ("replay", "replay_window", "integrity")}

@@ -55,7 +55,6 @@ def test_migrate_changes_the_outer_addresses():
 
 @pytest.mark.parametrize("change", [
     dict(aead=None), dict(spi=7), dict(mode="transport"), dict(replay_window=128),
-    dict(encap=Encap("espinudp", 4500, 4500)),
 ])
 def test_update_refuses_to_rekey_or_change_identity(change):
     info = sa_info(replay_window=32)
@@ -82,3 +81,10 @@ def test_algorithm_ids_agree_between_python_and_the_engine():
     assert ENGINE_IDS == {name: getattr(algorithms, name) for name in ENGINE_IDS}
     assert {a.engine_id for a in algorithms.ALGORITHMS if a.kind != "auth"} <= {
         v for k, v in ENGINE_IDS.items() if k.startswith("CIPHER_")}
+
+
+def test_killed_sa_sends_nothing():
+    sa = SA(sa_info())
+    sa.kill()
+    assert sa.encrypt_packet(inner_packet())[0] == "no_sa"
+    assert sa.dead

@@ -15,6 +15,7 @@ Checks follow ``verify_newpolicy_info`` and ``validate_tmpl``
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -209,6 +210,33 @@ class Flow:
     @property
     def family(self) -> int:
         return self.dst.version
+
+
+_IPV6_EXTENSIONS = frozenset((0, 43, 60))  # hop-by-hop, routing, destination options
+
+
+def flow_of_packet(packet: bytes) -> Optional[Flow]:
+    """The flow of an IP packet as the kernel's decode_session sees it, or None
+    when the packet is not a whole enough IPv4/IPv6 packet to tell."""
+    if len(packet) >= 20 and packet[0] >> 4 == 4:
+        off, proto = (packet[0] & 0x0F) * 4, packet[9]
+        src, dst = ipaddress.IPv4Address(packet[12:16]), ipaddress.IPv4Address(packet[16:20])
+        if int.from_bytes(packet[6:8], "big") & 0x1FFF:  # a later fragment: no ports
+            return Flow(src, dst, proto)
+    elif len(packet) >= 40 and packet[0] >> 4 == 6:
+        off, proto = 40, packet[6]
+        src, dst = ipaddress.IPv6Address(packet[8:24]), ipaddress.IPv6Address(packet[24:40])
+        while proto in _IPV6_EXTENSIONS and off + 8 <= len(packet):
+            proto, off = packet[off], off + (packet[off + 1] + 1) * 8
+    else:
+        return None
+    ports = packet[off:off + 4]
+    if proto in PORT_PROTOS and len(ports) == 4:
+        return Flow(src, dst, proto, int.from_bytes(ports[:2], "big"),
+                    int.from_bytes(ports[2:], "big"))
+    if proto in ICMP_PROTOS and len(ports) >= 2:
+        return Flow(src, dst, proto, ports[0], ports[1])
+    return Flow(src, dst, proto)
 
 
 def upper_matches(sel: Selector, flow: Flow) -> bool:

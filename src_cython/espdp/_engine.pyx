@@ -150,8 +150,9 @@ cdef class SA:
 
     def update(self, info):
         """Take the fields XFRM lets change on a valid SA (UPDSA, MIGRATE):
-        addresses, encap, set-mark, lifetimes.  Keys, algorithms, SPI, mode
-        and replay state must be the same; a soft limit can fire again."""
+        addresses, encap (MIGRATE may add or drop it: MOBIKE behind a NAT),
+        set-mark, lifetimes.  Keys, algorithms, SPI, mode and replay state
+        must be the same; a soft limit can fire again."""
         info.validate()
         old = self.info
         for name in ("spi", "mode", "aead", "enc", "auth", "flags", "replay_window"):
@@ -159,8 +160,6 @@ cdef class SA:
                 raise ConfigError(f"{name} of a valid SA cannot change")
         if info.family != old.family:
             raise ConfigError("the address family of a valid SA cannot change")
-        if (info.encap is None) != (old.encap is None):
-            raise ConfigError("encapsulation cannot be added to or removed from a valid SA")
         self._set_mutable(info)
         if info.lifetime != old.lifetime:
             self.core.soft_fired = False
@@ -179,6 +178,20 @@ cdef class SA:
         sequence number (64-bit values: with ESN the high halves included)."""
         replay_import(&self.core.replay, seq, bitmap)
         self.core.oseq = oseq
+
+    def set_counters(self, uint64_t packets, uint64_t nbytes):
+        """XFRM NEWAE's current lifetime: replace the packet and byte counts."""
+        self.core.stats.packets = packets
+        self.core.stats.bytes = nbytes
+
+    def kill(self):
+        """The SA left the SAD: whoever still holds this object can send nothing
+        with it (verdict no_sa), whatever its sequence number."""
+        self.core.dead = True
+
+    @property
+    def dead(self):
+        return bool(self.core.dead)
 
     def stats(self):
         """Counters: packets, bytes, the XFRM stats and a drop count per verdict."""

@@ -79,6 +79,7 @@ cdef struct sa_core:
     uint64_t soft_packets
     uint64_t hard_packets
     bint soft_fired
+    bint dead                # removed from the SAD: sends nothing any more
     transform xf
     replay_state replay
     sa_stats stats

@@ -296,6 +296,8 @@ cdef Verdict _output(sa_core *sa, uint8_t *slot, uint32_t slot_size, uint32_t *o
     cdef uint8_t *payload
     cdef uint8_t *start
     cdef uint8_t *esp
+    if sa.dead:
+        return V_NO_SA
     if n == 0:
         return V_MALFORMED
     if sa.dir == DIR_IN:
