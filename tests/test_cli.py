@@ -145,3 +145,35 @@ def test_algs_lists_transforms_that_passed_their_known_answer_tests():
     reports = json.loads(proc.stdout)
     gcm = [r for r in reports if r["keyword"] == "aes128gcm16"]
     assert gcm and gcm[0]["kat_passed"] and gcm[0]["usable"]
+
+
+POLICY_FILE = f"""\
+ip xfrm state add src 198.51.100.1 dst 203.0.113.7 proto esp spi 0xc0ffee01 reqid 1 \\
+    mode tunnel aead 'rfc4106(gcm(aes))' 0x{KEY.hex()} 128 encap espinudp 4500 4500 0.0.0.0
+ip xfrm policy add src 10.9.1.0/24 dst 10.9.2.0/24 dir out \\
+    tmpl src 198.51.100.1 dst 203.0.113.7 proto esp reqid 1 mode tunnel
+ip xfrm policy add src 10.9.1.0/24 dst 10.9.3.0/24 dir out \\
+    tmpl src 198.51.100.1 dst 203.0.113.9 proto esp reqid 2 mode tunnel
+ip xfrm policy add src 10.9.1.0/24 dst 10.9.4.0/24 dir out action block
+"""
+
+
+def test_encrypt_without_spi_chooses_sas_by_policy(tmp_path, capsys):
+    (tmp_path / "x.xfrm").write_text(POLICY_FILE)
+    packets = []
+    for i in range(12):
+        net = (2, 3, 4, 5)[i % 4]      # SA; no SA (acquire); block; no policy (clear)
+        packets.append(IP(src="10.9.1.1", dst=f"10.9.{net}.1", id=i) / ICMP(seq=i))
+    wrpcap(str(tmp_path / "plain.pcap"), packets)
+    rc = main(["pcap", "encrypt", "--xfrm", str(tmp_path / "x.xfrm"),
+               str(tmp_path / "plain.pcap"), str(tmp_path / "out.pcap"), "--json"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["verdicts"] == {"ok": 3, "acquire": 3, "block": 3, "clear": 3}
+    assert report["acquires"] == 1          # one ACQUIRE per SA identity, not per packet
+    out = [bytes(p) for p in rdpcap(str(tmp_path / "out.pcap"))]
+    assert len(out) == 6
+    sa = _scapy_gcm()
+    decrypted = [bytes(sa.decrypt(IP(p))) for p in out if p[9] == 17]   # ESP in UDP
+    assert decrypted == [bytes(p) for p in packets[0::4]]
+    assert [p for p in out if p[9] != 17] == [bytes(p) for p in packets[3::4]]
