@@ -54,7 +54,7 @@ import ipaddress
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from .. import algorithms
 from ..errors import ConfigError
@@ -145,11 +145,6 @@ _VERB_WORDS = (
     ("deleteall", None), ("delall", None), ("list", "list"), ("show", "list"),
     ("lst", "list"), ("get", "get"), ("flush", "flush"), ("count", "count"), ("help", None),
 )
-
-
-def _command(words: Words) -> str:
-    """Skip ``[ip] [xfrm] [state]`` (abbreviated as iproute2 allows); the verb."""
-    return take_verb(words, "state", _VERB_WORDS)
 
 
 # ---------------------------------------------------------------- word handlers
@@ -455,6 +450,18 @@ _LIST_WORDS: dict[str, Handler] = {
 _FLUSH_WORDS: dict[str, Handler] = {"proto": _h_flush_proto}
 
 
+def parse_command(line: str, where: str, obj: str, verb_words: tuple, verbs: dict) -> Any:
+    """The grammar shared by ``ip xfrm state`` and ``ip xfrm policy`` lines:
+    the verb (see take_verb), then its words (``verbs[verb] = (handlers,
+    finish)``), then ``finish(words, collected, verb)`` builds the command."""
+    words = Words(lex(line, where), where)
+    if not words:
+        raise words.error("empty command")
+    verb = take_verb(words, obj, verb_words)
+    table, finish = verbs[verb]
+    return finish(words, _collect(words, table), verb)
+
+
 def _collect(words: Words, table: dict[str, Handler]) -> dict:
     f: dict = {}
     while words:
@@ -550,13 +557,7 @@ def parse_state(line: str, filename: str = "<xfrm>", lineno: int = 1) -> StateCo
     accepted (``ip x s a ...``); a bare ``ip xfrm state`` is ``list``.
     ``filename`` and ``lineno`` only go into error messages and ``where``.
     """
-    where = f"{filename}:{lineno}"
-    words = Words(lex(line, where), where)
-    if not words:
-        raise words.error("empty command")
-    verb = _command(words)
-    table, finish = _VERBS[verb]
-    return finish(words, _collect(words, table), verb)
+    return parse_command(line, f"{filename}:{lineno}", "state", _VERB_WORDS, _VERBS)
 
 
 def parse_state_file(text: str, filename: str = "<xfrm>") -> list[StateCommand]:

@@ -55,7 +55,6 @@ from ._syntax import (
     read_address,
     show,
     skip_ip_xfrm,
-    take_verb,
 )
 from .parse import (
     _SEL_NEEDS,
@@ -63,7 +62,6 @@ from .parse import (
     Handler,
     StateCommand,
     _build_selector,
-    _collect,
     _h_flags,
     _h_limit,
     _h_mark,
@@ -73,6 +71,7 @@ from .parse import (
     _set_number,
     _unsupported,
     _xfrm_proto,
+    parse_command,
     parse_state,
 )
 from .policy import DIRS, LEVELS, POLICY_FLAGS, PTYPES, Policy, Template
@@ -142,11 +141,6 @@ _VERB_WORDS = (
     ("delall", None), ("list", "list"), ("show", "list"), ("lst", "list"), ("get", "get"),
     ("flush", "flush"), ("count", "count"), ("set", None), ("help", None),
 )
-
-
-def _command(words: Words) -> str:
-    """Skip ``[ip] [xfrm] [policy]`` (abbreviated as iproute2 allows); the verb."""
-    return take_verb(words, "policy", _VERB_WORDS)
 
 
 # ---------------------------------------------------------------- word handlers
@@ -319,13 +313,7 @@ def parse_policy(line: str, filename: str = "<xfrm>", lineno: int = 1) -> Policy
     accepted (``ip x p a ...``); a bare ``ip xfrm policy`` is ``list``.
     ``filename`` and ``lineno`` only go into error messages and ``where``.
     """
-    where = f"{filename}:{lineno}"
-    words = Words(lex(line, where), where)
-    if not words:
-        raise words.error("empty command")
-    verb = _command(words)
-    table, finish = _VERBS[verb]
-    return finish(words, _collect(words, table), verb)
+    return parse_command(line, f"{filename}:{lineno}", "policy", _VERB_WORDS, _VERBS)
 
 
 def _object_of(line: str, where: str) -> str:
