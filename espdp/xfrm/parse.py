@@ -550,14 +550,16 @@ _VERBS = {  # verb -> (its words, how the command is built)
 }
 
 
-def parse_state(line: str, filename: str = "<xfrm>", lineno: int = 1) -> StateCommand:
+def parse_state(line: str, filename: str = "<xfrm>", lineno: int = 1,
+                where: Optional[str] = None) -> StateCommand:
     """Parse one ``[ip] [xfrm] [state] VERB ...`` line.
 
     iproute2's abbreviations of ``xfrm``, ``state`` and the verb are
     accepted (``ip x s a ...``); a bare ``ip xfrm state`` is ``list``.
-    ``filename`` and ``lineno`` only go into error messages and ``where``.
+    ``filename`` and ``lineno`` (or ``where``, which replaces both) only go
+    into error messages and the command's ``where``.
     """
-    return parse_command(line, f"{filename}:{lineno}", "state", _VERB_WORDS, _VERBS)
+    return parse_command(line, where or f"{filename}:{lineno}", "state", _VERB_WORDS, _VERBS)
 
 
 def parse_state_file(text: str, filename: str = "<xfrm>") -> list[StateCommand]:

@@ -306,14 +306,16 @@ _VERBS = {  # verb -> (its words, how the command is built)
 }
 
 
-def parse_policy(line: str, filename: str = "<xfrm>", lineno: int = 1) -> PolicyCommand:
+def parse_policy(line: str, filename: str = "<xfrm>", lineno: int = 1,
+                where: Optional[str] = None) -> PolicyCommand:
     """Parse one ``[ip] [xfrm] [policy] VERB ...`` line.
 
     iproute2's abbreviations of ``xfrm``, ``policy`` and the verb are
     accepted (``ip x p a ...``); a bare ``ip xfrm policy`` is ``list``.
-    ``filename`` and ``lineno`` only go into error messages and ``where``.
+    ``filename`` and ``lineno`` (or ``where``, which replaces both) only go
+    into error messages and the command's ``where``.
     """
-    return parse_command(line, f"{filename}:{lineno}", "policy", _VERB_WORDS, _VERBS)
+    return parse_command(line, where or f"{filename}:{lineno}", "policy", _VERB_WORDS, _VERBS)
 
 
 def _object_of(line: str, where: str) -> str:

@@ -1,0 +1,235 @@
+"""The tunnel's TOML configuration, with keys named after ``ip xfrm`` words.
+
+Each ``[[sa]]`` and ``[[policy]]`` table is turned into the words of an
+``ip xfrm state add`` / ``ip xfrm policy add`` line and read by the same
+parser as those lines, so a TOML file and an ``ip xfrm`` script mean exactly
+the same thing (``replay_window`` is ``replay-window``, ``aead = {name, key,
+icv_bits}`` is ``aead NAME KEY BITS``, ...).  ``xfrm = "file"`` adds the
+lines of an ``ip xfrm`` script.  Everything is read and checked before
+anything is applied: a bad key or value is a :class:`ConfigError` naming the
+file, the table and the key, and nothing starts half-configured.
+
+>>> cfg = loads('''
+... [tunnel]
+... tun = "esp0"
+... address = ["10.9.1.1/32"]
+... [[sa]]
+... src = "192.0.2.1"
+... dst = "192.0.2.2"
+... spi = 0xc0ffee01
+... mode = "tunnel"
+... [sa.aead]
+... name = "rfc4106(gcm(aes))"
+... key = "0x00112233445566778899aabbccddeeff00112233"
+... icv_bits = 128
+... ''')
+>>> cfg.tunnel.tun, cfg.commands[0].info.spi == 0xc0ffee01
+('esp0', True)
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import shlex
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from .errors import ConfigError
+from .xfrm.parse import StateCommand, parse_state
+from .xfrm.policy_parse import PolicyCommand, parse_policy, parse_xfrm_file
+
+Command = Union[StateCommand, PolicyCommand]
+
+_SA_SCALARS = ("src", "dst", "proto", "spi", "reqid", "mode", "dir", "seq", "if_id",
+               "replay_window", "replay_seq", "replay_oseq", "replay_seq_hi",
+               "replay_oseq_hi", "tfcpad")
+_POLICY_SCALARS = ("src", "dst", "proto", "sport", "dport", "type", "code", "dev", "dir",
+                   "index", "ptype", "action", "priority", "if_id")
+_SEL_KEYS = ("src", "dst", "proto", "sport", "dport", "type", "code", "dev")
+_TMPL_KEYS = ("src", "dst", "proto", "spi", "mode", "reqid", "level")
+_MARK_KEYS = ("value", "mask")
+
+
+@dataclass(frozen=True)
+class TunnelConfig:
+    """The ``[tunnel]`` table."""
+
+    tun: Optional[str] = None
+    fd: Optional[int] = None
+    address: tuple = ()
+    route: tuple = ()
+    udp_port: int = 4500
+    mtu: Optional[int] = None
+    control: Optional[str] = None
+    metrics: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Config:
+    tunnel: TunnelConfig = TunnelConfig()
+    commands: list = field(default_factory=list)  # StateCommand | PolicyCommand, in order
+
+
+def _word(value: Any, where: str, key: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ConfigError(f"{where}: '{key}': expected a string or a number")
+    return str(value)
+
+
+def _table(value: Any, where: str, key: str, allowed: tuple) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: '{key}': expected a table")
+    unknown = sorted(set(value) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{where}: '{key}': unknown key '{unknown[0]}' "
+                          f"(known: {', '.join(allowed)})")
+    return value
+
+
+def _mark(words: list, name: str, value: Any, where: str) -> None:
+    if isinstance(value, dict):
+        value = _table(value, where, name, _MARK_KEYS)
+        words += [name, _word(value.get("value", 0), where, f"{name}.value")]
+        if "mask" in value:
+            words += ["mask", _word(value["mask"], where, f"{name}.mask")]
+    else:
+        words += [name, _word(value, where, name)]
+
+
+def _flags(words: list, name: str, value: Any, where: str) -> None:
+    items = value if isinstance(value, list) else [value]
+    words += [name, *(_word(v, where, name) for v in items)]
+
+
+def _limit(words: list, value: Any, where: str) -> None:
+    for k, v in _table(value, where, "limit", tuple(value) if isinstance(value, dict)
+                       else ()).items():
+        words += ["limit", k.replace("_", "-"), _word(v, where, f"limit.{k}")]
+
+
+def _algo(words: list, name: str, value: Any, where: str) -> None:
+    bits_key = {"aead": "icv_bits", "auth": "trunc_bits"}.get(name)
+    v = _table(value, where, name, ("name", "key") + ((bits_key,) if bits_key else ()))
+    if "name" not in v or "key" not in v:
+        raise ConfigError(f"{where}: '{name}': needs name and key")
+    if name == "aead" and bits_key not in v:
+        raise ConfigError(f"{where}: 'aead': needs icv_bits")
+    word = "auth-trunc" if name == "auth" and bits_key in v else name
+    words += [word, _word(v["name"], where, f"{name}.name"), _word(v["key"], where, "key")]
+    if bits_key in v:
+        words.append(_word(v[bits_key], where, f"{name}.{bits_key}"))
+
+
+def _sa_words(sa: dict, where: str) -> list:
+    # ``sel`` takes every selector word after it, so it goes last.
+    words = ["add"] + ([] if "proto" in sa else ["proto", "esp"])
+    for key, value in sorted(sa.items(), key=lambda item: item[0] == "sel"):
+        if key in _SA_SCALARS:
+            words += [key.replace("_", "-") if key != "if_id" else key,
+                      _word(value, where, key)]
+        elif key in ("mark", "set_mark", "output_mark"):
+            _mark(words, key.replace("_", "-"), value, where)
+        elif key in ("flag", "flags", "extra_flag", "extra_flags"):
+            _flags(words, "extra-flag" if key.startswith("extra") else "flag", value, where)
+        elif key in ("aead", "enc", "auth"):
+            _algo(words, key, value, where)
+        elif key == "sel":
+            words.append("sel")
+            for k, v in _table(value, where, "sel", _SEL_KEYS).items():
+                words += [k, _word(v, where, f"sel.{k}")]
+        elif key == "limit":
+            _limit(words, value, where)
+        elif key == "encap":
+            v = _table(value, where, "encap", ("type", "sport", "dport", "oa"))
+            words += ["encap", *(_word(v.get(k, d), where, f"encap.{k}") for k, d in
+                                 (("type", "espinudp"), ("sport", 4500), ("dport", 4500),
+                                  ("oa", "0.0.0.0")))]
+        else:
+            raise ConfigError(f"{where}: unknown key '{key}'")
+    return words
+
+
+def _policy_words(pol: dict, where: str) -> list:
+    words = ["add"]
+    for key, value in pol.items():
+        if key in _POLICY_SCALARS:
+            words += [key, _word(value, where, key)]
+        elif key == "mark":
+            _mark(words, "mark", value, where)
+        elif key in ("flag", "flags"):
+            _flags(words, "flag", value, where)
+        elif key == "limit":
+            _limit(words, value, where)
+        elif key != "tmpl":
+            raise ConfigError(f"{where}: unknown key '{key}'")
+    tmpls = pol.get("tmpl", [])
+    for i, tmpl in enumerate(tmpls if isinstance(tmpls, list) else [tmpls]):
+        words.append("tmpl")
+        t = _table(tmpl, where, f"tmpl[{i + 1}]", _TMPL_KEYS)
+        for k, v in {"proto": "esp", **t}.items():
+            words += [k, _word(v, where, f"tmpl[{i + 1}].{k}")]
+    return words
+
+
+def _tunnel(table: Any, where: str) -> TunnelConfig:
+    t = _table(table, where, "tunnel", tuple(TunnelConfig.__dataclass_fields__) + ("xfrm",))
+    t = {k: v for k, v in t.items() if k != "xfrm"}
+    for key in ("address", "route"):
+        nets = t.get(key, [])
+        if not isinstance(nets, list):
+            nets = [nets]
+        try:
+            t[key] = tuple(ipaddress.ip_interface(n) for n in nets)
+        except (ValueError, TypeError):
+            raise ConfigError(f"{where}: '{key}': expected addresses with a prefix, "
+                              f"e.g. \"10.9.1.1/32\"") from None
+    if t.get("tun") is None and t.get("fd") is None:
+        raise ConfigError(f"{where}: needs 'tun' (a device name) or 'fd' (an open TUN fd)")
+    port = t.get("udp_port", 4500)
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+        raise ConfigError(f"{where}: 'udp_port': expected a port number 1..65535")
+    return TunnelConfig(**t)
+
+
+def loads(text: str, filename: str = "<config>", base: Optional[Path] = None) -> Config:
+    """Read a configuration from TOML text (``base``: where ``xfrm`` paths start)."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{filename}: {e}") from None
+    unknown = sorted(set(doc) - {"tunnel", "sa", "policy", "xfrm"})
+    if unknown:
+        raise ConfigError(f"{filename}: unknown table or key '{unknown[0]}'")
+    tunnel = _tunnel(doc["tunnel"], f"{filename}: [tunnel]") if "tunnel" in doc \
+        else TunnelConfig()
+    commands: list[Command] = []
+    xfrm = doc.get("xfrm", doc.get("tunnel", {}).get("xfrm"))
+    if xfrm is not None:
+        path = (base or Path(".")) / str(xfrm)
+        try:
+            commands += parse_xfrm_file(path.read_text(), str(path))
+        except OSError as e:
+            raise ConfigError(f"{filename}: xfrm = {str(xfrm)!r}: {e.strerror}") from None
+    for kind, make, parse in (("sa", _sa_words, parse_state),
+                              ("policy", _policy_words, parse_policy)):
+        entries = doc.get(kind, [])
+        if not isinstance(entries, list):
+            raise ConfigError(f"{filename}: '{kind}' must be an array of tables [[{kind}]]")
+        for i, entry in enumerate(entries):
+            where = f"{filename}: [[{kind}]] {i + 1}"
+            if not isinstance(entry, dict):
+                raise ConfigError(f"{where}: expected a table")
+            line = shlex.join(make(entry, where))
+            commands.append(parse(line, where=where))
+    return Config(tunnel, commands)
+
+
+def load(path: Union[str, Path]) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from None
+    return loads(text, str(path), path.parent)
