@@ -1,0 +1,191 @@
+"""TUN devices (``IFF_TUN | IFF_NO_PI``): created by name, or adopted from an
+already open fd (Android's VpnService hands one over).
+
+Reads and writes are whole IP packets; :meth:`Tun.read_batch` puts each one
+at its slot's headroom so the engine can prepend the outer headers in place.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import struct
+from collections.abc import Iterable
+from typing import Optional
+
+from ..errors import ConfigError
+
+TUN_PATH = "/dev/net/tun"
+TUNSETIFF = 0x400454CA
+TUNGETIFF = 0x800454D2
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+IFF_MULTI_QUEUE = 0x0100
+IFF_UP = 0x1
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+SIOCGIFMTU = 0x8921
+SIOCSIFMTU = 0x8922
+IFNAMSIZ = 16
+_IFREQ = 40  # sizeof(struct ifreq) on 64-bit Linux
+
+
+def _ifreq(name: str, fmt: str = "", *values) -> bytes:
+    req = struct.pack(f"{IFNAMSIZ}s" + fmt, name.encode(), *values)
+    return req.ljust(_IFREQ, b"\0")
+
+
+def _ioctl_if(name: str, request: int, fmt: str = "", *values) -> bytes:
+    """An interface ioctl (SIOC*) on a throwaway AF_INET datagram socket."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        return fcntl.ioctl(sock, request, _ifreq(name, fmt, *values))
+
+
+def get_mtu(name: str) -> int:
+    return struct.unpack_from("i", _ioctl_if(name, SIOCGIFMTU), IFNAMSIZ)[0]
+
+
+def set_mtu(name: str, mtu: int) -> None:
+    _ioctl_if(name, SIOCSIFMTU, "i", mtu)
+
+
+def set_up(name: str) -> None:
+    flags = struct.unpack_from("H", _ioctl_if(name, SIOCGIFFLAGS), IFNAMSIZ)[0]
+    if not flags & IFF_UP:
+        _ioctl_if(name, SIOCSIFFLAGS, "H", flags | IFF_UP)
+
+
+class Tun:
+    """A TUN device queue; use :meth:`create` or :meth:`from_fd`.
+
+    ``stats`` counts ``received``, ``sent``, ``dropped`` (EAGAIN on write) and
+    ``send_errors`` (the kernel refused a packet, e.g. a malformed one).
+    """
+
+    def __init__(self, fd: int, name: Optional[str], owns_fd: bool = True) -> None:
+        self.fd = fd
+        self.name = name
+        self._owns = owns_fd
+        self.stats = {"received": 0, "sent": 0, "dropped": 0, "send_errors": 0}
+
+    @classmethod
+    def create(cls, name: str, mtu: int = 1400, multi_queue: bool = False) -> Tun:
+        """Open (or attach one more queue to) TUN device ``name``, set its MTU, bring it up."""
+        if not name or len(name.encode()) >= IFNAMSIZ or "/" in name or " " in name:
+            raise ConfigError(f"tun {name!r}: not a valid interface name (1..15 bytes)")
+        try:
+            fd = os.open(TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"tun {name}: {TUN_PATH} is missing (load the tun module, "
+                              "or give the container the device)") from exc
+        except PermissionError as exc:
+            raise ConfigError(f"tun {name}: permission denied opening {TUN_PATH} "
+                              "(needs CAP_NET_ADMIN)") from exc
+        try:
+            flags = IFF_TUN | IFF_NO_PI | (IFF_MULTI_QUEUE if multi_queue else 0)
+            try:
+                res = fcntl.ioctl(fd, TUNSETIFF, _ifreq(name, "H", flags))
+            except OSError as exc:
+                if exc.errno in (errno.EPERM, errno.EACCES):
+                    raise ConfigError(f"tun {name}: permission denied creating the device "
+                                      "(needs CAP_NET_ADMIN)") from exc
+                if exc.errno == errno.EINVAL:
+                    raise ConfigError(f"tun {name}: the device exists with other flags "
+                                      "(multi-queue or tap?)") from exc
+                raise ConfigError(f"tun {name}: TUNSETIFF failed: {exc.strerror}") from exc
+            real = res[:IFNAMSIZ].split(b"\0", 1)[0].decode()
+            try:
+                set_mtu(real, mtu)
+                set_up(real)
+            except OSError as exc:
+                raise ConfigError(f"tun {real}: cannot set MTU {mtu} and bring it up: "
+                                  f"{exc.strerror}") from exc
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, real)
+
+    @classmethod
+    def from_fd(cls, fd: int, name: Optional[str] = None, owns_fd: bool = True) -> Tun:
+        """Adopt an open TUN fd without reconfiguring the device (only the fd is made
+        non-blocking).  The name is asked from the kernel (TUNGETIFF) when not given;
+        ``close()`` closes the fd unless ``owns_fd`` is false."""
+        if name is None:
+            try:
+                res = fcntl.ioctl(fd, TUNGETIFF, bytes(_IFREQ))
+                name = res[:IFNAMSIZ].split(b"\0", 1)[0].decode() or None
+            except OSError:
+                name = None  # not asking is fine: e.g. a sandbox forbids the ioctl
+        os.set_blocking(fd, False)
+        return cls(fd, name, owns_fd)
+
+    @property
+    def mtu(self) -> Optional[int]:
+        if self.name is None:
+            return None
+        try:
+            return get_mtu(self.name)
+        except OSError:
+            return None
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        if self.fd >= 0 and self._owns:
+            os.close(self.fd)
+        self.fd = -1
+
+    def __enter__(self) -> Tun:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Tun {self.name} fd {self.fd}>"
+
+    def read_batch(self, batch) -> int:
+        """Read packets into slots from ``batch.count`` on, each at the slot's headroom,
+        until EAGAIN or the batch is full; returns the number added."""
+        added = 0
+        start = batch.headroom
+        fd = self.fd
+        while batch.count < batch.capacity:
+            i = batch.count
+            try:
+                n = os.readv(fd, [memoryview(batch.data[i])[start:]])
+            except (BlockingIOError, InterruptedError):
+                break
+            if n <= 0:
+                break
+            batch.offset[i] = start
+            batch.length[i] = n
+            batch.mark[i] = 0
+            batch.sa[i] = -1
+            batch.count = i + 1
+            added += 1
+        self.stats["received"] += added
+        return added
+
+    def write_batch(self, batch, indexes: Optional[Iterable[int]] = None) -> int:
+        """Write each given slot's ``[offset:offset + length]`` (all slots when None)."""
+        sent = 0
+        fd = self.fd
+        for i in range(batch.count) if indexes is None else indexes:
+            off = int(batch.offset[i])
+            try:
+                os.write(fd, memoryview(batch.data[i])[off:off + int(batch.length[i])])
+            except (BlockingIOError, InterruptedError):
+                self.stats["dropped"] += 1
+                continue
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EIO, errno.EFAULT, errno.ENOMEM):
+                    raise
+                self.stats["send_errors"] += 1
+                continue
+            sent += 1
+        self.stats["sent"] += sent
+        return sent
