@@ -155,6 +155,10 @@ class ControlServer:
                 self._accept()
             else:
                 self._read(key.fileobj, now)
+        self.flush()
+
+    def flush(self) -> None:
+        """Send monitoring clients the events produced since the last call."""
         for conn, session in list(self._clients.items()):
             events = session.take_events()
             if events:

@@ -1,27 +1,39 @@
-"""The dataplane loop: TUN -> policy -> encrypt -> UDP, UDP -> decrypt -> policy -> TUN.
+"""The dataplane loop: TUN -> policy -> encrypt -> wire, wire -> decrypt -> policy -> TUN.
 
 It joins devices of :mod:`espdp.io` (real or in-memory) through the engine
 and the XFRM model.  One thread, no blocking call: the owner calls
 :meth:`Dataplane.handle_tun` / :meth:`handle_datagrams` when a device is
-readable (or :meth:`run` does it with a selector), and :meth:`tick` for the
-timers.
+readable (:class:`espdp.tunnel.Tunnel` does it with a selector), and
+:meth:`tick` for the timers.
 
-This first version asks the XFRM model about each outbound packet from
-Python (policy lookup and SA choice) and checks each decrypted packet
-against the inbound policies from Python; the crypto and the packet work
-stay in the engine, a batch at a time.  Moving the per-packet decisions
-into the engine (a flow cache) is the performance issue's work.
+* Outbound, an encrypted packet leaves by the UDP socket of its outer family
+  when its SA encapsulates (``sockets``), else by the raw ESP socket of that
+  family (``esp_sockets``).  An inner packet that would not fit ``path_mtu``
+  once encapsulated gets an ICMP "fragmentation needed" (IPv4 with DF) or
+  "packet too big" (IPv6) back through the TUN, with the inner MTU that fits.
+* Inbound, a decrypted packet that carries a mark (the SA's set-mark, or the
+  outer packet's mark) goes to ``injector`` (the kernel, through a raw socket
+  with SO_MARK, so ``ip rule fwmark`` and nftables see it) when there is one;
+  unmarked packets go to the TUN.
+* NAT keepalives (RFC 3948 section 2.3) go to the peer of every UDP
+  encapsulated SA used for output that sent nothing for
+  ``keepalive_interval`` seconds.
+
+This version asks the XFRM model about each outbound packet from Python
+(policy lookup and SA choice) and checks each decrypted packet against the
+inbound policies from Python; the crypto and the packet work stay in the
+engine, a batch at a time.  Moving the per-packet decisions into the engine
+(a flow cache) is the performance issue's work.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
-import selectors
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from . import pmtu
 from .engine import FLAG_MAPPING, VERDICTS, PacketBatch
 from .xfrm.policy import flow_of_packet
 
@@ -29,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 BATCH = 64
 SLOT = 2048 + 256
+IPPROTO_UDP = 17
 
 
 @dataclass
@@ -39,12 +52,18 @@ class Counters:
     tun_out: int = 0
     sent: int = 0
     received: int = 0
+    injected: int = 0         # marked packets handed to the kernel
     clear: int = 0            # no policy asked for protection (dropped: see handle_tun)
+    too_big: int = 0          # inner packets answered with ICMP too big
+    keepalives: int = 0
     policy_drops: dict = field(default_factory=dict)   # block, acquire, inbound_policy, ...
     engine_drops: dict = field(default_factory=dict)   # verdict -> packets
 
     def drop(self, table: dict, reason: str) -> None:
         table[reason] = table.get(reason, 0) + 1
+
+    def as_dict(self) -> dict:
+        return {k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(self).items()}
 
 
 def _outer_source(packet: bytes) -> tuple[Any, int]:
@@ -56,15 +75,31 @@ def _outer_source(packet: bytes) -> tuple[Any, int]:
 
 
 class Dataplane:
-    """TUN and encapsulation sockets joined through the engine and an Xfrm model."""
+    """TUN and wire devices joined through the engine and an Xfrm model.
 
-    def __init__(self, xfrm: Any, tun: Any, sockets: dict[int, Any]) -> None:
+    ``sockets``/``esp_sockets`` map the outer family (4, 6) to a UDP
+    encapsulation socket / a raw ESP socket; ``injector`` takes marked
+    decrypted packets; ``path_mtu`` is the MTU of the path to the peers.
+    """
+
+    def __init__(self, xfrm: Any, tun: Any, sockets: dict[int, Any],
+                 esp_sockets: Optional[dict[int, Any]] = None, injector: Any = None,
+                 path_mtu: int = 1500, keepalive_interval: float = 0.0) -> None:
         self.xfrm = xfrm
         self.tun = tun
-        self.sockets = sockets            # outer family (4, 6) -> UDP encapsulation socket
+        self.sockets = sockets
+        self.esp_sockets = esp_sockets or {}
+        self.injector = injector
+        self.path_mtu = path_mtu
+        self.keepalive_interval = keepalive_interval
         self.counters = Counters()
         self._out = PacketBatch(BATCH, SLOT)
         self._in = PacketBatch(BATCH, SLOT)
+        self._icmp = PacketBatch(BATCH, SLOT)
+        self._fits: dict[int, tuple] = {}      # engine SA index -> (info, {family: max inner})
+        self._used: dict[int, Any] = {}        # engine SA index -> SA used for output
+        self._idle: dict[int, int] = {}        # engine SA index -> oseq at the last check
+        self._next_keepalive = 0.0
 
     # ------------------------------------------------------------ outbound
 
@@ -81,20 +116,55 @@ class Dataplane:
             if flow is None:
                 self.counters.drop(self.counters.policy_drops, "not_ip")
                 continue
-            decision = self.xfrm.outbound(flow, now)
+            decision = self.xfrm.outbound(flow, now, packet=lambda i=i: batch.packet(i))
             if decision.action == "encrypt":
-                batch.sa[i] = decision.sa.index
+                self._choose(batch, i, decision.sa, flow.family)
             elif decision.action == "clear":
                 # Routed into the tunnel but no policy protects it: the TUN is the
                 # only way out, and writing it back would loop.  Counted, dropped.
                 self.counters.clear += 1
                 self.counters.drop(self.counters.policy_drops, "no_policy")
-            else:
-                reason = "acquire" if decision.action in ("drop", "queued") else "block"
+            elif decision.action != "queued":
+                reason = "acquire" if decision.action == "drop" else "block"
                 self.counters.drop(self.counters.policy_drops, reason)
-        # Slots without an SA come back from the engine as no_sa: they were counted above.
+        self._send_icmp()
+        self._encrypt_and_send(batch)
+        return batch.count
+
+    def _choose(self, batch: PacketBatch, i: int, sa: Any, family: int) -> None:
+        """Give slot ``i`` to ``sa`` unless it is too big for the path."""
+        limit = self._max_inner(sa, family)
+        length = int(batch.length[i])
+        if length > limit:
+            reply = pmtu.too_big_reply(batch.packet(i), limit)
+            if reply is not None:
+                self.counters.too_big += 1
+                if self._icmp.count < self._icmp.capacity:
+                    self._icmp.add(reply)
+                return
+            # IPv4 without DF: encrypted anyway, the kernel fragments the outer packet
+        batch.sa[i] = sa.index
+        self._used[sa.index] = sa
+
+    def _max_inner(self, sa: Any, family: int) -> int:
+        info = self.xfrm.sad.state_of(sa).info
+        cached = self._fits.get(sa.index)
+        if cached is None or cached[0] is not info:
+            cached = self._fits[sa.index] = (info, {})
+        fits = cached[1]
+        if family not in fits:
+            fits[family] = pmtu.max_inner(info, self.path_mtu, family)
+        return fits[family]
+
+    def _send_icmp(self) -> None:
+        if self._icmp.count:
+            self.counters.tun_out += self.tun.write_batch(self._icmp, range(self._icmp.count))
+            self._icmp.clear()
+
+    def _encrypt_and_send(self, batch: PacketBatch) -> None:
+        # Slots without an SA come back from the engine as no_sa: they were counted.
         self.xfrm.sad.table.encrypt(batch)
-        by_family: dict[int, list[int]] = {}
+        by_device: dict[tuple, list[int]] = {}
         for i in range(batch.count):
             if batch.sa[i] < 0:
                 continue
@@ -102,20 +172,42 @@ class Dataplane:
             if verdict != "ok":
                 self.counters.drop(self.counters.engine_drops, verdict)
                 continue
-            family = 4 if batch.data[i, batch.offset[i]] >> 4 == 4 else 6
-            by_family.setdefault(family, []).append(i)
-        for family, indexes in by_family.items():
-            sock = self.sockets.get(family)
-            if sock is None:
-                self.counters.drop(self.counters.policy_drops, f"no_ipv{family}_socket")
+            off = batch.offset[i]
+            first = batch.data[i, off]
+            if first >> 4 == 4:
+                family, proto = 4, batch.data[i, off + 9]
+            else:
+                family, proto = 6, batch.data[i, off + 6]
+            by_device.setdefault((family, proto == IPPROTO_UDP), []).append(i)
+        for (family, udp), indexes in by_device.items():
+            device = (self.sockets if udp else self.esp_sockets).get(family)
+            if device is None:
+                kind = "udp" if udp else "esp"
+                self.counters.drop(self.counters.policy_drops, f"no_ipv{family}_{kind}_socket")
                 continue
-            self.counters.sent += sock.write_batch(batch, indexes)
-        return batch.count
+            self.counters.sent += device.write_batch(batch, indexes)
+
+    def flush_queued(self, now: float) -> int:
+        """Send the packets held while acquiring whose SA has arrived."""
+        ready = self.xfrm.ready_queued()
+        batch = self._out
+        done = 0
+        while ready:
+            batch.clear()
+            for sa, packet, flow, _mark in ready[:batch.capacity]:
+                i = batch.add(packet)
+                batch.sa[i] = -1
+                self._choose(batch, i, sa, flow.family)
+            ready = ready[batch.capacity:]
+            self._send_icmp()
+            self._encrypt_and_send(batch)
+            done += batch.count
+        return done
 
     # ------------------------------------------------------------ inbound
 
     def handle_datagrams(self, sock: Any, now: float) -> int:
-        """Read a batch of ESP from ``sock``, decrypt, check policy, deliver to the TUN."""
+        """Read a batch of ESP from ``sock``, decrypt, check policy, deliver it."""
         batch = self._in
         batch.clear()
         if not sock.read_batch(batch):
@@ -124,7 +216,7 @@ class Dataplane:
         # The outer source (for MAPPING) may be overwritten by decryption in place.
         heads = [batch.packet(i)[:48] for i in range(batch.count)]
         self.xfrm.sad.table.decrypt(batch)
-        deliver = []
+        to_tun, to_kernel = [], []
         for i in range(batch.count):
             verdict = VERDICTS[batch.verdict[i]]
             if verdict != "ok":
@@ -135,39 +227,50 @@ class Dataplane:
             if batch.flags[i] & FLAG_MAPPING:
                 self.xfrm.report_mapping(sa, *_outer_source(heads[i]), now)
             flow = flow_of_packet(packet)
-            if flow is None or not self.xfrm.inbound_check(sa, flow, now,
-                                                           mark=int(batch.mark[i])):
+            mark = int(batch.mark[i])
+            if flow is None or not self.xfrm.inbound_check(sa, flow, now, mark=mark):
                 self.counters.drop(self.counters.policy_drops, "inbound_policy")
                 continue
-            deliver.append(i)
-        if deliver:
-            self.counters.tun_out += self.tun.write_batch(batch, deliver)
+            (to_kernel if mark and self.injector is not None else to_tun).append(i)
+        if to_tun:
+            self.counters.tun_out += self.tun.write_batch(batch, to_tun)
+        if to_kernel:
+            self.counters.injected += self.injector.write_batch(batch, to_kernel)
         return batch.count
+
+    # ------------------------------------------------------------ timers
+
+    def tick(self, now: float) -> list:
+        events = self.xfrm.tick(now)
+        self.flush_queued(now)
+        if self.keepalive_interval and now >= self._next_keepalive:
+            self._next_keepalive = now + self.keepalive_interval
+            self.send_keepalives()
+        return events
+
+    def send_keepalives(self) -> int:
+        """One NAT keepalive to the peer of each UDP-encapsulated SA used for
+        output that sent nothing since the previous call."""
+        sent = 0
+        for index, sa in list(self._used.items()):
+            if sa.dead:
+                self._used.pop(index, None)
+                self._idle.pop(index, None)
+                self._fits.pop(index, None)
+                continue
+            oseq, self._idle[index] = self._idle.get(index), sa.oseq
+            info = self.xfrm.sad.state_of(sa).info
+            if oseq != sa.oseq or info.encap is None:
+                continue
+            sock = self.sockets.get(info.dst.version)
+            if sock is not None:
+                sock.send_keepalive((str(info.dst), info.encap.dport))
+                sent += 1
+        self.counters.keepalives += sent
+        return sent
 
     # ------------------------------------------------------------ loop
 
-    def tick(self, now: float) -> list:
-        return self.xfrm.tick(now)
-
-    def run(self, stop: threading.Event, clock, tick_interval: float = 0.25,
-            extra: Optional[dict] = None) -> None:
-        """Serve until ``stop`` is set.  ``clock()`` gives ``now``; ``extra`` maps
-        further file objects to ``callback(now)`` (the control socket)."""
-        selector = selectors.DefaultSelector()
-        selector.register(self.tun.fileno(), selectors.EVENT_READ, self.handle_tun)
-        for sock in self.sockets.values():
-            selector.register(sock.fileno(), selectors.EVENT_READ,
-                              lambda now, s=sock: self.handle_datagrams(s, now))
-        for fileobj, callback in (extra or {}).items():
-            selector.register(fileobj, selectors.EVENT_READ, callback)
-        next_tick = clock()
-        try:
-            while not stop.is_set():
-                for key, _ in selector.select(tick_interval):
-                    key.data(clock())
-                now = clock()
-                if now >= next_tick:
-                    self.tick(now)
-                    next_tick = now + tick_interval
-        finally:
-            selector.close()
+    def devices(self) -> list:
+        """Every wire device (UDP and raw ESP sockets)."""
+        return list(self.sockets.values()) + list(self.esp_sockets.values())

@@ -301,9 +301,11 @@ class Xfrm:
     # ------------------------------------------------------------ dataplane decisions
 
     def outbound(self, flow: Flow, now: float, mark: int = 0, if_id: int = 0,
-                 packet: Optional[bytes] = None) -> Decision:
+                 packet: Any = None) -> Decision:
         """``xfrm_lookup`` for an outbound packet of ``flow``: the policy, then an SA per
-        template; a missing SA starts (or waits for) an ACQUIRE."""
+        template; a missing SA starts (or waits for) an ACQUIRE.  ``packet`` (bytes,
+        or a callable giving them, called only when the packet is held) is queued
+        while acquiring when ``acquire_queue`` allows it."""
         action, policy = self.spd.verdict("out", flow, mark, if_id, now)
         if action == "block":
             return Decision("block", policy=policy)
@@ -345,9 +347,19 @@ class Xfrm:
         limit = self.acquire_queue or (0 if self.larval_drop else XFRM_MAX_QUEUE_LEN)
         if limit and len(acq.queue) < limit:
             if packet is not None:
-                acq.queue.append((packet, flow, mark))
+                acq.queue.append((packet() if callable(packet) else packet, flow, mark))
             return Decision("queued", policy=policy, acquire_seq=acq.seq)
         return Decision("drop", policy=policy, acquire_seq=acq.seq)
+
+    def ready_queued(self) -> list[tuple]:
+        """Packets (engine SA, packet, flow, mark) held while acquiring whose SA is
+        now valid: the acquire state's queue moved onto the SA that answered it."""
+        out = []
+        for st in self.sad.dump():
+            if st.queue and st.engine is not None:
+                out += [(st.engine, *item) for item in st.queue]
+                st.queue = []
+        return out
 
     def take_queued(self, sa: Any) -> list[tuple]:
         """Packets (packet, flow, mark) held while acquiring the SA ``sa`` now answers."""
@@ -459,7 +471,11 @@ class Xfrm:
         commands = parse_xfrm_file(line, "<xfrm>")
         if len(commands) != 1:
             raise ConfigError(f"execute takes one command, got {len(commands)}")
-        command = commands[0]
+        return self.apply(commands[0], now, show_keys)
+
+    def apply(self, command: Any, now: float, show_keys: bool = False) -> dict:
+        """Run one parsed command (a ``StateCommand`` or ``PolicyCommand``), as
+        :meth:`execute` does."""
         if isinstance(command, StateCommand):
             return self._state_command(command, now, show_keys)
         return self._policy_command(command, now)
