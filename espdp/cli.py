@@ -4,6 +4,12 @@
     espdp algs [--json] [--measure] [--proposal] the ESP transforms this build really has
     espdp pcap decrypt --xfrm SAS IN OUT [--json]
     espdp pcap encrypt --xfrm SAS [--spi SPI] IN OUT [--keys-out FILE] [--json]
+    espdp run [--config FILE.toml] [--tun NAME] [--address CIDR]... [--route CIDR]...
+              [--xfrm FILE] [--udp-port N] [--control PATH] [--metrics HOST:PORT] ...
+    espdp xfrm [--control PATH] [--json] [--show-keys] state|policy ...   (ip xfrm words)
+    espdp xfrm [--control PATH] [--json] monitor [acquire expire SA policy aevent mapping]
+    espdp status [--control PATH] [--json]
+    espdp lab [--mbytes N] [--json]     two namespaces, two daemons, traffic, a summary (root)
 
 Exit status: 0 when the work was done (dropped packets are reported, not
 fatal), 2 with a one-line message for bad arguments or a bad file.
@@ -14,12 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
-from .errors import EspdpError
+from .errors import ConfigError, EspdpError, XfrmError
 
 EXIT_USAGE = 2
 
@@ -62,7 +69,101 @@ def _parser() -> argparse.ArgumentParser:
                      help="encrypt everything with this SA (default: choose by 'dir out' policy)")
     enc.add_argument("--keys-out", type=Path, metavar="FILE",
                      help="write the SAs as a Wireshark esp_sa file (mode 0600)")
+    run = sub.add_parser("run", help="run a tunnel (TUN device, sockets, control socket)")
+    run.add_argument("--config", type=Path, metavar="FILE.toml")
+    run.add_argument("--tun", metavar="NAME", help="the TUN device to create")
+    run.add_argument("--fd", type=int, help="adopt this open TUN file descriptor")
+    run.add_argument("--address", action="append", metavar="CIDR", default=[],
+                     help="an address for the TUN device (repeatable)")
+    run.add_argument("--route", action="append", metavar="CIDR", default=[],
+                     help="a remote subnet routed into the tunnel (repeatable)")
+    run.add_argument("--xfrm", type=Path, metavar="FILE", help="'ip xfrm' lines to apply")
+    run.add_argument("--udp-port", type=int, metavar="N")
+    run.add_argument("--control", metavar="PATH", help="the control socket")
+    run.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics")
+    run.add_argument("--mtu", type=int, help="TUN MTU (default: what fits the path)")
+    run.add_argument("--path-mtu", type=int, help="MTU of the path to the peers (1500)")
+    run.add_argument("--nat-keepalive", type=float, metavar="SECONDS")
+    run.add_argument("--raw-esp", action="store_true", default=None,
+                     help="also open raw ESP (IP protocol 50) sockets")
+    run.add_argument("--state-dir", metavar="DIR")
+    run.add_argument("-v", "--verbose", action="store_true")
+    status = sub.add_parser("status", help="the SAs of a running tunnel and their counters")
+    status.add_argument("--control", metavar="PATH")
+    status.add_argument("--json", action="store_true")
+    sub.add_parser("lab", add_help=False, help="two namespaces, one tunnel, traffic, a summary")
+    sub.add_parser("xfrm", add_help=False, help="ip xfrm state|policy|monitor, on a running "
+                   "tunnel (options: --control PATH, --json, --show-keys)")
     return parser
+
+
+def _control_path(given: Optional[str]) -> str:
+    """The socket named, or the only one in the runtime directory."""
+    from .daemon import runtime_dir
+
+    if given:
+        return given
+    try:
+        socks = sorted(f for f in os.listdir(runtime_dir()) if f.endswith(".sock"))
+    except OSError:
+        socks = []
+    if len(socks) != 1:
+        raise ConfigError(f"{len(socks)} control sockets in {runtime_dir()}: "
+                          "name one with --control PATH")
+    return os.path.join(runtime_dir(), socks[0])
+
+
+def _xfrm_command(argv: list) -> int:
+    """``espdp xfrm [--control P] [--json] [--show-keys] WORDS...`` (options anywhere:
+    no ``ip xfrm`` word starts with ``--``)."""
+    from .client import ControlClient, format_answer, format_event
+
+    words, control, as_json, show_keys = [], None, False, False
+    it = iter(argv)
+    for word in it:
+        if word == "--control":
+            control = next(it, None)
+            if control is None:
+                raise ConfigError("--control needs a PATH")
+        elif word in ("--json", "-j"):
+            as_json = True
+        elif word in ("--show-keys", "-s"):
+            show_keys = True
+        else:
+            words.append(word)
+    if not words or words[0] not in ("state", "policy", "monitor"):
+        raise ConfigError("usage: espdp xfrm [--control PATH] [--json] "
+                          "state|policy|monitor ...")
+    with ControlClient(_control_path(control)) as client:
+        if words[0] == "monitor":
+            groups = [w.lower() for w in words[1:] if w != "all"]  # ip says SA
+            for event in client.events(groups):
+                print(json.dumps(event) if as_json else format_event(event), flush=True)
+            return 0
+        result = client.xfrm(shlex.join(words), show_keys=show_keys)
+    text = json.dumps(result, indent=2) if as_json else format_answer(result)
+    if text:
+        print(text)
+    return 0
+
+
+def _run_command(args) -> int:
+    import logging
+
+    from . import config, daemon
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="espdp: %(message)s")
+    base = config.load(args.config) if args.config else config.Config()
+    if base.tunnel.tun is None and base.tunnel.fd is None and args.tun is None \
+            and args.fd is None:
+        raise ConfigError("espdp run needs --tun NAME, --fd N or a config file with [tunnel]")
+    cfg = config.override(base, xfrm=args.xfrm, tun=args.tun, fd=args.fd,
+                          address=args.address, route=args.route, udp_port=args.udp_port,
+                          control=args.control, metrics=args.metrics, mtu=args.mtu,
+                          path_mtu=args.path_mtu, nat_keepalive=args.nat_keepalive,
+                          raw_esp=args.raw_esp, state_dir=args.state_dir)
+    return daemon.run(cfg)
 
 
 def _print_report(report, action: str, as_json: bool) -> None:
@@ -81,11 +182,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .algs import main as algs_main
 
             return algs_main(argv[1:])
+        if argv[:1] == ["lab"]:  # the two-namespace lab, its own options
+            from .lab import main as lab_main
+
+            return lab_main(argv[1:])
+        if argv[:1] == ["xfrm"]:
+            return _xfrm_command(argv[1:])
         args = _parser().parse_args(argv)
         if args.command == "demo":
             from .demo import run_demo
 
             return run_demo(args.packets, args.json)
+        if args.command == "run":
+            return _run_command(args)
+        if args.command == "status":
+            from .client import ControlClient, format_status
+
+            with ControlClient(_control_path(args.control)) as client:
+                result = client.request("status")
+            print(json.dumps(result, indent=2) if args.json else format_status(result))
+            return 0
         from . import pcaptool
 
         if args.action == "decrypt":
@@ -95,6 +211,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                               args.keys_out)
         _print_report(report, args.action, args.json)
         return 0
+    except XfrmError as e:  # as ip xfrm reports a refused request
+        print(f"espdp: {e.args[0]} ({e.errno})", file=sys.stderr)
+        return EXIT_USAGE
     except EspdpError as e:
         print(f"espdp: {e}", file=sys.stderr)
         return EXIT_USAGE

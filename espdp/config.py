@@ -63,7 +63,13 @@ class TunnelConfig:
     udp_port: int = 4500
     mtu: Optional[int] = None
     control: Optional[str] = None
-    metrics: Optional[str] = None
+    metrics: Optional[str] = None            # HOST:PORT for Prometheus
+    path_mtu: int = 1500                     # MTU of the path to the peers
+    nat_keepalive: float = 20.0              # seconds; 0: none
+    raw_esp: bool = False                    # also raw ESP (protocol 50) sockets
+    inject_marks: bool = True                # marked decrypted packets to the kernel
+    address_mode: str = "deprecated"         # IPv6 virtual IPs: deprecated, label, plain
+    state_dir: Optional[str] = None          # what was installed, for cleanup after a crash
 
 
 @dataclass(frozen=True)
@@ -187,10 +193,43 @@ def _tunnel(table: Any, where: str) -> TunnelConfig:
                               f"e.g. \"10.9.1.1/32\"") from None
     if t.get("tun") is None and t.get("fd") is None:
         raise ConfigError(f"{where}: needs 'tun' (a device name) or 'fd' (an open TUN fd)")
-    port = t.get("udp_port", 4500)
-    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
-        raise ConfigError(f"{where}: 'udp_port': expected a port number 1..65535")
+    for key, check, expected in _TUNNEL_CHECKS:
+        if key in t and t[key] is not None and not check(t[key]):
+            raise ConfigError(f"{where}: '{key}': expected {expected}")
     return TunnelConfig(**t)
+
+
+def _integer(lo: int, hi: int):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+_TUNNEL_CHECKS = (
+    ("tun", lambda v: isinstance(v, str) and 0 < len(v) < 16 and "/" not in v,
+     "an interface name of at most 15 characters"),
+    ("fd", _integer(0, 1 << 20), "an open file descriptor number"),
+    ("udp_port", _integer(0, 65535), "a port number 0..65535 (0: any free port)"),
+    ("mtu", _integer(576, 65535), "an MTU 576..65535"),
+    ("path_mtu", _integer(576, 65535), "an MTU 576..65535"),
+    ("nat_keepalive", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+     and 0 <= v <= 86400, "seconds 0..86400 (0: no keepalives)"),
+    ("raw_esp", lambda v: isinstance(v, bool), "true or false"),
+    ("inject_marks", lambda v: isinstance(v, bool), "true or false"),
+    ("address_mode", lambda v: v in ("deprecated", "label", "plain"),
+     "deprecated, label or plain"),
+    ("control", lambda v: isinstance(v, str) and v != "", "a socket path"),
+    ("state_dir", lambda v: isinstance(v, str) and v != "", "a directory"),
+    ("metrics", lambda v: isinstance(v, str) and host_port(v) is not None,
+     "HOST:PORT, e.g. \"127.0.0.1:9450\""),
+)
+
+
+def host_port(text: str) -> Optional[tuple[str, int]]:
+    """``HOST:PORT`` or ``[V6]:PORT`` as (host, port); None when malformed."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return (host or "0.0.0.0", int(port))
 
 
 def loads(text: str, filename: str = "<config>", base: Optional[Path] = None) -> Config:
@@ -233,3 +272,21 @@ def load(path: Union[str, Path]) -> Config:
     except OSError as e:
         raise ConfigError(f"{path}: {e.strerror}") from None
     return loads(text, str(path), path.parent)
+
+
+def override(cfg: Config, xfrm: Optional[Union[str, Path]] = None, **flags: Any) -> Config:
+    """``cfg`` with command-line flags applied: ``address``/``route`` lists are
+    added to the file's, other ``[tunnel]`` keys replace it when not None, and
+    the lines of the ``ip xfrm`` script ``xfrm`` are added to its commands."""
+    table = {k: getattr(cfg.tunnel, k) for k in TunnelConfig.__dataclass_fields__}
+    for key in ("address", "route"):
+        table[key] = [str(n) for n in table[key]] + [str(n) for n in flags.pop(key, None) or ()]
+    table.update({k: v for k, v in flags.items() if v is not None})
+    commands = list(cfg.commands)
+    if xfrm is not None:
+        try:
+            commands += parse_xfrm_file(Path(xfrm).read_text(), str(xfrm))
+        except OSError as e:
+            raise ConfigError(f"{xfrm}: {e.strerror}") from None
+    table = {k: v for k, v in table.items() if v is not None}
+    return Config(_tunnel(table, "command line"), commands)

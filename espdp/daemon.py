@@ -1,0 +1,218 @@
+"""The tunnel process: ``espdp run``.
+
+:class:`Daemon` turns a :class:`~espdp.config.Config` into a running tunnel,
+in an order that never leaves it half-configured:
+
+1. every SA and policy is applied to a fresh XFRM model (a bad one stops
+   the start before anything touches the system);
+2. what a crashed earlier run left behind is removed (its state file);
+3. the TUN device is created (or the given fd adopted), its MTU set to what
+   fits the path after encapsulation unless configured, and brought up;
+4. the sockets (UDP encapsulation for IPv4 and IPv6, raw ESP if asked, the
+   raw socket that hands marked packets to the kernel) are opened;
+5. addresses and routes are installed (recorded as they go, see
+   :mod:`espdp.netsetup`);
+6. the control socket and the metrics endpoint start listening.
+
+A failure at any step undoes the steps before it.  SIGTERM and SIGINT stop
+the loop; :meth:`Daemon.close` then removes routes, addresses, the TUN and
+the control socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import Any, Optional
+
+from . import pmtu
+from .config import Config
+from .control import ControlServer
+from .errors import ConfigError, XfrmError
+from .io.tun import Tun
+from .tunnel import Tunnel
+from .xfrm import Xfrm
+
+logger = logging.getLogger("espdp")
+
+
+def runtime_dir() -> str:
+    """Where sockets and state files go: /run/espdp for root, else a private dir."""
+    if os.geteuid() == 0:
+        return "/run/espdp"
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/espdp-{os.getuid()}"
+    return os.path.join(base, "espdp")
+
+
+def default_control_path(name: str) -> str:
+    return os.path.join(runtime_dir(), f"{name}.sock")
+
+
+def _peers(xfrm: Xfrm) -> set:
+    """The outer addresses of the tunnel endpoints the SAs and policies name."""
+    peers = set()
+    for st in xfrm.sad.dump():
+        peers.update((st.info.src, st.info.dst))
+    for policy in xfrm.spd.dump():
+        for t in policy.templates:
+            peers.update(a for a in (t.src, t.dst) if a is not None and not a.is_unspecified)
+    return peers
+
+
+class Daemon:
+    """One tunnel: TUN, sockets, XFRM model, control socket and metrics."""
+
+    def __init__(self, cfg: Config, clock=time.monotonic) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.started = clock()
+        self.xfrm = Xfrm()
+        self.tunnel: Optional[Tunnel] = None
+        self.tun: Any = None
+        self.net: Any = None
+        self.control: Optional[ControlServer] = None
+        self.metrics: Any = None
+        self._cleanup: list = []
+
+    @property
+    def name(self) -> str:
+        return self.cfg.tunnel.tun or (self.tun.name if self.tun is not None else "tun")
+
+    # ------------------------------------------------------------ start and stop
+
+    def start(self) -> None:
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> None:
+        t = self.cfg.tunnel
+        now = self.clock()
+        for i, command in enumerate(self.cfg.commands):
+            try:
+                self.xfrm.apply(command, now)
+            except XfrmError as e:
+                raise ConfigError(f"SA/policy {i + 1}: {e.args[0]} ({e.errno})") from None
+        from .netsetup import NetSetup, cleanup_stale
+
+        state_dir = t.state_dir or runtime_dir()
+        if t.tun is not None:
+            removed = cleanup_stale(t.tun, state_dir)
+            if removed:
+                logger.info("removed what a previous run left on %s: %s", t.tun, removed)
+        mtu = t.mtu or self._fitting_mtu()
+        if t.fd is not None:
+            self.tun = Tun.from_fd(t.fd, t.tun)
+        else:
+            self.tun = Tun.create(t.tun, mtu)
+        self._cleanup.append(self.tun.close)
+        injector = None
+        if t.inject_marks:
+            from .io.raw import KernelInjector
+
+            injector = KernelInjector()
+            self._cleanup.append(injector.close)
+        self.tunnel = Tunnel(self.tun, xfrm=self.xfrm, udp_port=t.udp_port, raw_esp=t.raw_esp,
+                             injector=injector, path_mtu=t.path_mtu,
+                             keepalive_interval=t.nat_keepalive, clock=self.clock)
+        self._cleanup.append(self.tunnel.close)
+        if self.tun.name is not None and (t.address or t.route):
+            self.net = NetSetup(self.tun.name, state_dir=state_dir, address_mode=t.address_mode)
+            self._cleanup += [self.net.close, self.net.teardown]
+            for address in t.address:
+                self.net.add_address(str(address))
+            for peer in sorted(_peers(self.xfrm), key=str):
+                self.net.exclude_peer(str(peer))  # before the routes that may cover it
+            for route in t.route:
+                self.net.add_route(str(route.network))
+        self.control = ControlServer(t.control or default_control_path(self.name), self.xfrm,
+                                     {"status": self.status})
+        self._cleanup.append(self.control.close)
+        self.tunnel.watch(self.control, self.control.poll)
+        self.tunnel.after_poll(self.control.flush)  # events for `espdp xfrm monitor`
+        if t.metrics:
+            from .metrics import MetricsServer
+
+            self.metrics = MetricsServer(t.metrics, self)
+            self._cleanup.append(self.metrics.close)
+        logger.info("running: tun %s mtu %s, UDP port %d, control %s", self.name,
+                    self.tun.mtu, self.tunnel.dataplane.sockets[4].port
+                    if 4 in self.tunnel.dataplane.sockets else t.udp_port, self.control.path)
+
+    def _fitting_mtu(self) -> int:
+        """The TUN MTU that fits every outbound SA configured (a GCM one over IPv6
+        with UDP encapsulation when there is none yet)."""
+        outbound = [st.info for st in self.xfrm.sad.dump() if st.engine is not None]
+        mtu = pmtu.default_tun_mtu(self.cfg.tunnel.path_mtu, outbound or [pmtu.TYPICAL_SA])
+        if mtu < 1280 and any(a.version == 6 for a in self.cfg.tunnel.address):
+            logger.warning("the path MTU leaves %d bytes inside the tunnel, "
+                           "below the 1280 IPv6 needs", mtu)
+        return max(mtu, 576)
+
+    def serve(self) -> None:
+        """Run until SIGTERM or SIGINT."""
+        assert self.tunnel is not None
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, lambda *_: self.tunnel.stop())
+        try:
+            self.tunnel.run()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def close(self) -> None:
+        """Undo everything, newest first; never raises for what is already gone."""
+        while self._cleanup:
+            undo = self._cleanup.pop()
+            try:
+                undo()
+            except Exception as e:  # noqa: BLE001 - the rest must still be undone
+                logger.warning("cleanup: %s", e)
+
+    # ------------------------------------------------------------ status
+
+    def status(self, request: Any = None, now: Optional[float] = None) -> dict:
+        """What ``espdp status`` shows: the tunnel, its counters and every SA."""
+        now = self.clock() if now is None else now
+        dp = self.tunnel.dataplane if self.tunnel else None
+        sas = []
+        for st in self.xfrm.sad.dump():
+            info = st.info
+            entry = {"src": str(info.src), "dst": str(info.dst), "spi": f"0x{info.spi:08x}",
+                     "reqid": info.reqid, "mode": info.mode, "state": st.status,
+                     "encap": None if info.encap is None else
+                     f"udp {info.encap.sport}->{info.encap.dport}",
+                     "algorithms": [a.name for a in (info.aead, info.enc, info.auth)
+                                    if a is not None],
+                     "age": round(now - st.add_time, 1), "packets": 0, "bytes": 0, "drops": {}}
+            if st.engine is not None:
+                stats = st.engine.stats()
+                entry.update(packets=stats["packets"], bytes=stats["bytes"],
+                             drops=stats["drops"], oseq=st.engine.oseq,
+                             replay_top=st.engine.replay_top)
+            sas.append(entry)
+        out = {"tun": self.name, "uptime": round(now - self.started, 1), "sas": sas,
+               "policies": len(self.xfrm.spd), "no_sa_drops": self.xfrm.sad.table.stats()}
+        if dp is not None:
+            out["counters"] = dp.counters.as_dict()
+            out["devices"] = {repr(d): dict(d.stats) for d in dp.devices()}
+        if self.control is not None:
+            out["control_refused"] = self.control.refused
+        return out
+
+
+def run(cfg: Config) -> int:
+    """``espdp run``: start, serve until a signal, clean up."""
+    daemon = Daemon(cfg)
+    daemon.start()
+    try:
+        daemon.serve()
+    finally:
+        daemon.close()
+        logger.info("stopped; routes, addresses and devices removed")
+    return 0
