@@ -3,7 +3,7 @@
 
 demo:
 	@scripts/bootstrap.sh
-	@.venv/bin/python -m espdp demo
+	@.venv/bin/python -m espdp lab
 
 test:
 	@scripts/bootstrap.sh

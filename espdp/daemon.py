@@ -102,7 +102,7 @@ class Daemon:
         state_dir = t.state_dir or runtime_dir()
         if t.tun is not None:
             removed = cleanup_stale(t.tun, state_dir)
-            if removed:
+            if any(removed.values()):
                 logger.info("removed what a previous run left on %s: %s", t.tun, removed)
         mtu = t.mtu or self._fitting_mtu()
         if t.fd is not None:

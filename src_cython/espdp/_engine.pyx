@@ -424,7 +424,9 @@ cdef class SATable:
         return None if index < 0 else self._sas[index]
 
     def encrypt(self, PacketBatch batch):
-        """Encrypt each packet with the SA its ``batch.sa`` entry names."""
+        """Encrypt each packet with the SA its ``batch.sa`` entry names.  A slot
+        whose entry is -1 (the caller chose no SA) is skipped: verdict no_sa, not
+        counted; an entry naming an SA that is gone is counted as no_sa."""
         cdef int i, ok = 0
         cdef int32_t index
         with nogil:
@@ -433,7 +435,8 @@ cdef class SATable:
                 index = batch.sa_p[i]
                 if index < 0 or index >= self.ncores or self.cores[index] == NULL:
                     batch.verdict_p[i] = V_NO_SA
-                    self.drops[<int> V_NO_SA] += 1
+                    if index != -1:
+                        self.drops[<int> V_NO_SA] += 1
                     continue
                 batch.verdict_p[i] = esp_output(
                     self.cores[index], batch.buf + <size_t> i * batch.slot_size,
