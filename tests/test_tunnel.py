@@ -168,3 +168,28 @@ def test_mobile_client_example_with_a_real_tun_fd():
         assert "every reply arrived" in proc.stdout
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def test_nat_keepalive_only_on_idle_encapsulated_outbound_sas():
+    wire_a, wire_b = MemoryUdp.pair(("192.0.2.1", 4500), ("192.0.2.2", 4500))
+    app_a, tun_a = MemoryPipe.pair()
+    app_b, tun_b = MemoryPipe.pair()
+    now = [1000.0]
+    a = Tunnel(tun_a, sockets={4: wire_a}, keepalive_interval=20, clock=lambda: now[0])
+    b = Tunnel(tun_b, sockets={4: wire_b})
+    _policies(a, "10.1.0.0/16", "10.2.0.0/16", "192.0.2.1", "192.0.2.2", 1, 2)
+    _policies(b, "10.2.0.0/16", "10.1.0.0/16", "192.0.2.2", "192.0.2.1", 2, 1)
+    with a, b:
+        _both_ways(a, b)
+        app_a.write(_ping(1))
+        _pump(a, b)                      # a's first tick: a baseline, nothing sent
+        assert wire_b.stats["keepalive"] == 0
+        now[0] += 20
+        app_a.write(_ping(2))            # busy during the interval: no keepalive
+        _pump(a, b)
+        assert wire_b.stats["keepalive"] == 0
+        now[0] += 20                     # idle for an interval: one keepalive
+        _pump(a, b)
+        now[0] += 5                      # not yet due again
+        _pump(a, b)
+        assert wire_b.stats["keepalive"] == 1 and a.counters.keepalives == 1
