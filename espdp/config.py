@@ -70,6 +70,7 @@ class TunnelConfig:
     inject_marks: bool = True                # marked decrypted packets to the kernel
     address_mode: str = "deprecated"         # IPv6 virtual IPs: deprecated, label, plain
     state_dir: Optional[str] = None          # what was installed, for cleanup after a crash
+    ike_forward: Optional[str] = None        # HOST:PORT of a local IKE daemon (espdp.ike)
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,8 @@ _TUNNEL_CHECKS = (
      "deprecated, label or plain"),
     ("control", lambda v: isinstance(v, str) and v != "", "a socket path"),
     ("state_dir", lambda v: isinstance(v, str) and v != "", "a directory"),
+    ("ike_forward", lambda v: isinstance(v, str) and host_port(v) is not None,
+     "HOST:PORT of the local IKE daemon"),
     ("metrics", lambda v: isinstance(v, str) and host_port(v) is not None,
      "HOST:PORT, e.g. \"127.0.0.1:9450\""),
 )

@@ -116,10 +116,20 @@ class Daemon:
 
             injector = KernelInjector()
             self._cleanup.append(injector.close)
+        relay = None
+        if t.ike_forward:
+            from .ike import IkeRelay
+
+            relay = IkeRelay(t.ike_forward)
+            self._cleanup.append(relay.close)
         self.tunnel = Tunnel(self.tun, xfrm=self.xfrm, udp_port=t.udp_port, raw_esp=t.raw_esp,
                              injector=injector, path_mtu=t.path_mtu,
-                             keepalive_interval=t.nat_keepalive, clock=self.clock)
+                             keepalive_interval=t.nat_keepalive, clock=self.clock,
+                             on_ike=relay)
         self._cleanup.append(self.tunnel.close)
+        if relay is not None:
+            relay.sockets = self.tunnel.dataplane.sockets
+            self.tunnel.watch(relay, relay.handle)
         if self.tun.name is not None and (t.address or t.route):
             self.net = NetSetup(self.tun.name, state_dir=state_dir, address_mode=t.address_mode)
             self._cleanup += [self.net.close, self.net.teardown]
@@ -201,6 +211,8 @@ class Daemon:
         if dp is not None:
             out["counters"] = dp.counters.as_dict()
             out["devices"] = {repr(d): dict(d.stats) for d in dp.devices()}
+            if dp.injector is not None:
+                out["devices"]["injector"] = dict(dp.injector.stats)
         if self.control is not None:
             out["control_refused"] = self.control.refused
         return out
