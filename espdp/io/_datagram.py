@@ -71,13 +71,14 @@ def write_outer(slot: memoryview, start: int, family: int, src: bytes, sport: in
 
 
 def deliver(batch, family: int, payload_len: int, peer: tuple, local: bytes, local_port: int,
-            stats: dict[str, int], on_ike: Optional[IkeCallback]) -> bool:
+            stats: dict[str, int], on_ike: Optional[IkeCallback], mark: int = 0) -> bool:
     """Classify the datagram in slot ``batch.count`` and add it to the batch if it is ESP.
 
     The payload must already sit at ``batch.headroom + HEADER_LEN[family]`` of
     the slot; ``peer`` is ``(host, port, ...)`` as the socket reported it and
-    ``local`` the packed local address it arrived on.  Returns True when the
-    slot was added.
+    ``local`` the packed local address it arrived on; ``mark`` the outer
+    packet's mark (``SO_RCVMARK``), stored in ``batch.mark``.  Returns True
+    when the slot was added.
     """
     i = batch.count
     hdr = HEADER_LEN[family]
@@ -99,7 +100,7 @@ def deliver(batch, family: int, payload_len: int, peer: tuple, local: bytes, loc
                 payload_len)
     batch.offset[i] = start
     batch.length[i] = hdr + payload_len
-    batch.mark[i] = 0
+    batch.mark[i] = mark
     batch.sa[i] = -1
     batch.count = i + 1
     stats["esp"] += 1

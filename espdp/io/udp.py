@@ -7,12 +7,28 @@ the engine decrypts and what MAPPING detection compares; keepalives are
 eaten and non-ESP (IKE) datagrams go to ``on_ike``.
 :meth:`UdpEncapSocket.write_batch` sends the UDP payload of the whole packets
 the engine wrote to the destination address and port in their outer header.
+
+Both use Linux's batched syscalls through :mod:`espdp._mmsg`: one
+``recvmmsg(2)`` fills up to 64 slots straight in the batch (classification
+and synthetic header in C), one ``sendmmsg(2)`` sends a run of slots of the
+same mark, the GIL released during the syscall.  Where the platform has no
+``recvmmsg``/``sendmmsg`` (the extension reports ``HAVE_MMSG`` False, is
+missing, or the kernel answers ENOSYS) the socket falls back to one
+``recvmsg_into``/``sendto`` per datagram from Python, with the same demux
+(:func:`._datagram.deliver`) and counters; :attr:`UdpEncapSocket.io_path`
+says which is used (``"mmsg"`` or ``"python"``).
+
+``SO_RCVMARK`` (Linux >= 5.19) is turned on when the kernel has it
+(:attr:`UdpEncapSocket.rcvmark`): the mark of each received packet (set by
+netfilter, say) lands in ``batch.mark`` so inbound SAs with a mark match
+against the outer packet's mark; 0 without it.
 """
 
 from __future__ import annotations
 
 import errno
 import socket
+import sys
 from collections.abc import Iterable
 from typing import Optional
 
@@ -28,13 +44,21 @@ from ._datagram import (
     parse_outer,
 )
 
+try:
+    from .. import _mmsg
+except ImportError:  # built without the extension: the Python path below
+    _mmsg = None
+
 SO_MARK = getattr(socket, "SO_MARK", 36)
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
 IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
-_ANCBUF = socket.CMSG_SPACE(20)  # in6_pktinfo (20) >= in_pktinfo (12)
+SO_RCVMARK = getattr(socket, "SO_RCVMARK", 75)
+# in6_pktinfo (20) >= in_pktinfo (12), and the u32 of SO_MARK
+_ANCBUF = socket.CMSG_SPACE(20) + socket.CMSG_SPACE(4)
+MMSG = _mmsg is not None and bool(_mmsg.HAVE_MMSG)
 
 
 def _family(family: int) -> int:
@@ -53,7 +77,12 @@ class UdpEncapSocket:
     ``send_errors``, ``bad_outer`` (a slot that is not IP + UDP of this
     family) and ``dropped`` (EAGAIN on send).  ``on_ike(message, (host, port))``
     gets the IKE message without the non-ESP marker; :meth:`send_ike` adds it.
+
+    ``io_path`` is ``"mmsg"`` (batched syscalls) or ``"python"`` (the fallback
+    where they are missing); ``rcvmark`` says whether ``SO_RCVMARK`` is on.
     """
+
+    io_path: str = "mmsg" if MMSG else "python"
 
     def __init__(self, family: int = socket.AF_INET, port: int = 4500,
                  bind_addr: Optional[str] = None, reuse_port: bool = False,
@@ -72,6 +101,7 @@ class UdpEncapSocket:
                 sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
             else:
                 sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+            self.rcvmark = self._set_rcvmark(sock)
             if reuse_port:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             self._set_buffer(sock, socket.SO_RCVBUF, SO_RCVBUFFORCE, rcvbuf)
@@ -89,6 +119,16 @@ class UdpEncapSocket:
         self.bind_addr = bind_addr
         self._local = None if host == wildcard else pack_addr(self.family, host)
         self._hdr = HEADER_LEN[self.family]
+
+    @staticmethod
+    def _set_rcvmark(sock: socket.socket) -> bool:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVMARK, 1)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOPROTOOPT, errno.EINVAL):
+                raise
+            return False
+        return True
 
     @staticmethod
     def _set_buffer(sock: socket.socket, opt: int, force: int, size: int) -> None:
@@ -115,21 +155,43 @@ class UdpEncapSocket:
         fam = 4 if self.family == socket.AF_INET else 6
         return f"<UdpEncapSocket v{fam} port {self.port}>"
 
-    def _local_addr(self, ancdata) -> bytes:
-        if self._local is not None:
-            return self._local
+    def _control(self, ancdata) -> tuple[bytes, int]:
+        """The local address (bound, or from pktinfo) and the packet's mark."""
+        local, mark = self._local, 0
         for level, kind, data in ancdata:
-            if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
-                return bytes(data[8:12])  # in_pktinfo.ipi_addr: the header's destination
-            if level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO and len(data) >= 16:
-                return bytes(data[:16])
-        return bytes(4 if self.family == socket.AF_INET else 16)
+            if level == socket.SOL_SOCKET and kind == SO_MARK and len(data) >= 4:
+                mark = int.from_bytes(data[:4], sys.byteorder)
+            elif local is not None:
+                continue
+            elif level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
+                local = bytes(data[8:12])  # in_pktinfo.ipi_addr: the header's destination
+            elif level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO and len(data) >= 16:
+                local = bytes(data[:16])
+        if local is None:
+            local = bytes(4 if self.family == socket.AF_INET else 16)
+        return local, mark
 
     def read_batch(self, batch) -> int:
         """Receive until EAGAIN or the batch is full; returns the number of slots added."""
         if batch.headroom < self._hdr:
             raise ConfigError(f"batch headroom {batch.headroom} < {self._hdr} bytes of outer "
                               "IP + UDP header")
+        if self.io_path == "mmsg":
+            try:
+                added, ike = _mmsg.recv_batch(self.sock.fileno(), batch, self.family, self.port,
+                                              self._local, self.stats, self.on_ike is not None)
+            except OSError as exc:
+                if exc.errno != errno.ENOSYS:
+                    raise
+                self.io_path = "python"  # seccomp or an old kernel: fall back, loudly named
+            else:
+                for message, peer in ike:
+                    self.on_ike(message, peer)
+                return added
+        return self._read_batch_py(batch)
+
+    def _read_batch_py(self, batch) -> int:
+        """The fallback: one ``recvmsg_into`` per datagram."""
         added = 0
         start = batch.headroom + self._hdr
         recv = self.sock.recvmsg_into
@@ -145,8 +207,9 @@ class UdpEncapSocket:
                 self.stats["received"] += 1
                 self.stats["truncated"] += 1
                 continue
-            if deliver(batch, self.family, n, peer, self._local_addr(ancdata), self.port,
-                       self.stats, self.on_ike):
+            local, mark = self._control(ancdata)
+            if deliver(batch, self.family, n, peer, local, self.port, self.stats, self.on_ike,
+                       mark):
                 added += 1
         return added
 
@@ -154,6 +217,23 @@ class UdpEncapSocket:
         """Send the UDP payload of each slot (whole outer IP + UDP + ESP packets) to the
         destination in its outer header; returns how many were sent.  A slot's
         non-zero mark goes on the socket (SO_MARK) before it is sent."""
+        if self.io_path == "mmsg":
+            try:
+                sent, self._mark = _mmsg.send_batch(self.sock.fileno(), batch, indexes,
+                                                    self.family, self.stats, self._mark)
+            except PermissionError as exc:
+                self._mark = self.sock.getsockopt(socket.SOL_SOCKET, SO_MARK)
+                raise ConfigError("SO_MARK on the UDP socket needs CAP_NET_ADMIN") from exc
+            except OSError as exc:
+                if exc.errno != errno.ENOSYS:
+                    raise
+                self.io_path = "python"
+            else:
+                return sent
+        return self._write_batch_py(batch, indexes)
+
+    def _write_batch_py(self, batch, indexes: Optional[Iterable[int]] = None) -> int:
+        """The fallback: one ``sendto`` per packet."""
         sent = 0
         sendto = self.sock.sendto
         for i in range(batch.count) if indexes is None else indexes:

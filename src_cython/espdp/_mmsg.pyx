@@ -1,0 +1,468 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Batched UDP I/O for ESP in UDP (RFC 3948): ``recvmmsg(2)`` and ``sendmmsg(2)``
+straight into and out of a :class:`PacketBatch`, the GIL released in the syscall.
+
+:func:`recv_batch` receives up to 64 datagrams per syscall into the free slots
+of a batch, each payload at ``headroom + hdr`` (hdr = 28 for IPv4, 48 for
+IPv6), and classifies them in C exactly as ``espdp.io._datagram.deliver``
+does: a lone ``0xFF`` is a NAT keepalive (counted, eaten); a first 32-bit
+word of zero is the non-ESP marker, whose IKE message is copied out as bytes
+and returned with the peer (or counted ``ike_unhandled``); anything else is
+ESP and gets a synthetic outer IP + UDP header at ``headroom`` with the peer's
+address and port as the source and the local address (``IP_PKTINFO`` /
+``IPV6_PKTINFO``, or the bound one) and port as the destination.  IPv4: IHL
+5, DF, TTL 64, header checksum; IPv6: hop limit 64; UDP checksum 0 (the
+engine does not check it).  A slot freed by a keepalive, an IKE message or a
+truncated datagram (``MSG_TRUNC``, counted ``truncated``) is filled by the
+next ESP datagram, so the batch stays dense.  The mark of the packet
+(the ``SO_MARK`` control message, sent when ``SO_RCVMARK`` is on) goes into
+``batch.mark``, 0 without one.  Receiving stops when the batch is full or the
+socket has no more datagrams.
+
+:func:`send_batch` reads the destination address and UDP port from the
+outer header of each slot (whole IP + UDP + ESP packets the engine wrote; a
+slot that is not IP + UDP of the socket's family is counted ``bad_outer``)
+and sends the UDP payloads with ``sendmmsg``, in runs of equal mark: before
+a run whose mark differs from the socket's, ``SO_MARK`` is set on the socket.
+A message refused with ECONNREFUSED, ENETUNREACH, EHOSTUNREACH, EMSGSIZE,
+EINVAL, EPERM or EACCES is counted ``send_errors`` and the rest of its run
+is sent; EAGAIN counts the rest of the run ``dropped``.
+
+Both update the caller's ``stats`` dict (the keys of ``_datagram.STAT_KEYS``).
+``HAVE_MMSG`` is False where the platform has no ``recvmmsg``/``sendmmsg``
+(the functions then raise ``OSError(ENOSYS)``).
+"""
+
+import socket
+
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.errno cimport (EACCES, ECONNREFUSED, EHOSTUNREACH, EINTR, EINVAL, EMSGSIZE,
+                         ENETUNREACH, EPERM, errno)
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy, memmove, memset, strerror
+
+from espdp._engine cimport PacketBatch
+from espdp._inet cimport csum_fold, csum_partial, rd16, wr16, wr32
+
+cdef extern from *:
+    """
+    #include <errno.h>
+    #include <sys/socket.h>
+    #include <sys/uio.h>
+    #include <netinet/in.h>
+    #if defined(__linux__)
+    #define ESPDP_HAVE_MMSG 1
+    #else
+    #define ESPDP_HAVE_MMSG 0
+    struct mmsghdr { struct msghdr msg_hdr; unsigned int msg_len; };
+    static int recvmmsg(int fd, struct mmsghdr *v, unsigned int n, int f, void *t)
+    { (void) fd; (void) v; (void) n; (void) f; (void) t; errno = ENOSYS; return -1; }
+    static int sendmmsg(int fd, struct mmsghdr *v, unsigned int n, int f)
+    { (void) fd; (void) v; (void) n; (void) f; errno = ENOSYS; return -1; }
+    #endif
+    #ifndef SO_MARK
+    #define SO_MARK 36
+    #endif
+    #ifndef IP_PKTINFO
+    #define IP_PKTINFO 8
+    #endif
+    #ifndef IPV6_PKTINFO
+    #define IPV6_PKTINFO 50
+    #endif
+    #ifndef MSG_DONTWAIT
+    #define MSG_DONTWAIT 0x40
+    #endif
+    """
+    bint ESPDP_HAVE_MMSG
+    int EAGAIN, EWOULDBLOCK, ENOSYS
+    int AF_INET, AF_INET6, SOL_SOCKET, SO_MARK, IPPROTO_IP, IPPROTO_IPV6
+    int IP_PKTINFO, IPV6_PKTINFO, MSG_DONTWAIT, MSG_TRUNC
+    ctypedef unsigned int socklen_t
+
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+
+    struct msghdr:
+        void *msg_name
+        socklen_t msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+
+    struct mmsghdr:
+        msghdr msg_hdr
+        unsigned int msg_len
+
+    struct cmsghdr:
+        size_t cmsg_len
+        int cmsg_level
+        int cmsg_type
+
+    struct in_addr:
+        pass
+
+    struct in6_addr:
+        pass
+
+    struct sockaddr_in:
+        unsigned short sin_family
+        uint16_t sin_port
+        in_addr sin_addr
+
+    struct sockaddr_in6:
+        unsigned short sin6_family
+        uint16_t sin6_port
+        in6_addr sin6_addr
+        uint32_t sin6_scope_id
+
+    struct sockaddr_storage:
+        unsigned short ss_family
+
+    cmsghdr *CMSG_FIRSTHDR(msghdr *m) nogil
+    cmsghdr *CMSG_NXTHDR(msghdr *m, cmsghdr *c) nogil
+    uint8_t *CMSG_DATA(cmsghdr *c) nogil
+    uint16_t htons(uint16_t v) nogil
+    uint16_t ntohs(uint16_t v) nogil
+    int recvmmsg(int fd, mmsghdr *v, unsigned int n, int flags, void *timeout) nogil
+    int sendmmsg(int fd, mmsghdr *v, unsigned int n, int flags) nogil
+    int setsockopt(int fd, int level, int name, const void *val, socklen_t n) nogil
+
+HAVE_MMSG = bool(ESPDP_HAVE_MMSG)
+
+cdef enum:
+    VLEN = 64          # messages per syscall
+    CTRL_WORDS = 16    # 128 bytes of control data per message: pktinfo + mark
+    KIND_ESP = 0
+    KIND_KEEPALIVE = 1
+    KIND_NON_ESP = 2
+    # send counters
+    C_SENT = 0
+    C_ERRORS = 1
+    C_DROPPED = 2
+
+
+cdef inline int _kind(const uint8_t *p, uint32_t n) noexcept nogil:
+    if n == 1 and p[0] == 0xFF:
+        return KIND_KEEPALIVE
+    if n >= 4 and p[0] == 0 and p[1] == 0 and p[2] == 0 and p[3] == 0:
+        return KIND_NON_ESP
+    return KIND_ESP
+
+
+cdef uint32_t _control(msghdr *m, int family, uint8_t *local) noexcept nogil:
+    """The packet's mark (0 without one); copies the local address from the
+    pktinfo message into ``local`` when there is one."""
+    cdef cmsghdr *c = CMSG_FIRSTHDR(m)
+    cdef uint32_t mark = 0
+    while c != NULL:
+        if c.cmsg_level == SOL_SOCKET and c.cmsg_type == SO_MARK:
+            if c.cmsg_len >= <size_t> (CMSG_DATA(c) - <uint8_t *> c) + 4:
+                memcpy(&mark, CMSG_DATA(c), 4)
+        elif local == NULL:
+            pass
+        elif family == AF_INET and c.cmsg_level == IPPROTO_IP and c.cmsg_type == IP_PKTINFO:
+            # in_pktinfo: ifindex (4), spec_dst (4), addr (4) -- the header's destination
+            if c.cmsg_len >= <size_t> (CMSG_DATA(c) - <uint8_t *> c) + 12:
+                memcpy(local, CMSG_DATA(c) + 8, 4)
+        elif (family == AF_INET6 and c.cmsg_level == IPPROTO_IPV6
+              and c.cmsg_type == IPV6_PKTINFO):
+            if c.cmsg_len >= <size_t> (CMSG_DATA(c) - <uint8_t *> c) + 16:
+                memcpy(local, CMSG_DATA(c), 16)   # in6_pktinfo.ipi6_addr
+        c = CMSG_NXTHDR(m, c)
+    return mark
+
+
+cdef void _write_outer(uint8_t *q, int family, const sockaddr_storage *peer,
+                       const uint8_t *local, uint16_t local_port,
+                       uint32_t payload_len) noexcept nogil:
+    """IP + UDP header at ``q`` for ``payload_len`` bytes behind it, peer -> local."""
+    cdef uint32_t udp_len = 8 + payload_len
+    cdef const sockaddr_in *a4
+    cdef const sockaddr_in6 *a6
+    cdef uint16_t sport
+    if family == AF_INET:
+        a4 = <const sockaddr_in *> peer
+        q[0], q[1] = 0x45, 0
+        wr16(q + 2, <uint16_t> (20 + udp_len))
+        wr32(q + 4, 0x00004000)                 # id 0, DF
+        q[8], q[9] = 64, 17
+        wr16(q + 10, 0)
+        memcpy(q + 12, &a4.sin_addr, 4)
+        memcpy(q + 16, local, 4)
+        wr16(q + 10, csum_fold(csum_partial(q, 20, 0)))
+        sport = ntohs(a4.sin_port)
+        q += 20
+    else:
+        a6 = <const sockaddr_in6 *> peer
+        wr32(q, 6 << 28)
+        wr16(q + 4, <uint16_t> udp_len)
+        q[6], q[7] = 17, 64
+        memcpy(q + 8, &a6.sin6_addr, 16)
+        memcpy(q + 24, local, 16)
+        sport = ntohs(a6.sin6_port)
+        q += 40
+    wr16(q, sport)
+    wr16(q + 2, local_port)
+    wr16(q + 4, <uint16_t> udp_len)
+    wr16(q + 6, 0)
+
+
+cdef object _peer(const sockaddr_storage *sa, int family):
+    cdef const sockaddr_in *a4
+    cdef const sockaddr_in6 *a6
+    if family == AF_INET:
+        a4 = <const sockaddr_in *> sa
+        host = socket.inet_ntop(socket.AF_INET, (<const char *> &a4.sin_addr)[:4])
+        return host, ntohs(a4.sin_port)
+    a6 = <const sockaddr_in6 *> sa
+    host = socket.inet_ntop(socket.AF_INET6, (<const char *> &a6.sin6_addr)[:16])
+    if a6.sin6_scope_id:
+        host = f"{host}%{socket.if_indextoname(a6.sin6_scope_id)}"
+    return host, ntohs(a6.sin6_port)
+
+
+cdef int _header_len(int family) except -1:
+    if family == AF_INET:
+        return 28
+    if family == AF_INET6:
+        return 48
+    raise ValueError(f"family {family}: expected AF_INET or AF_INET6")
+
+
+def recv_batch(int fd, PacketBatch batch not None, int family, int local_port, local,
+               dict stats not None, bint want_ike=True):
+    """Receive datagrams into the free slots of ``batch``; see the module docstring.
+
+    ``local`` is the packed bound address (4 or 16 bytes) or None to take it
+    from pktinfo.  Returns ``(added, ike)``: the number of ESP slots added and
+    a list of ``(message, (host, port))`` for the non-ESP datagrams (marker
+    removed; always empty when ``want_ike`` is False: they are counted
+    ``ike_unhandled`` instead).
+    """
+    cdef mmsghdr msgs[VLEN]
+    cdef iovec iov[VLEN]
+    cdef sockaddr_storage names[VLEN]
+    cdef uint64_t ctrl[VLEN][CTRL_WORDS]
+    cdef uint8_t bound[16]
+    cdef uint8_t laddr[16]
+    cdef int hdr = _header_len(family)
+    cdef int alen = 4 if family == AF_INET else 16
+    cdef int start = batch.headroom
+    cdef size_t size = batch.slot_size
+    cdef int room, n, k, out, err, kind
+    cdef uint32_t length, mark
+    cdef uint8_t *p
+    cdef uint8_t *q
+    cdef uint64_t received = 0, esp = 0, keepalive = 0, non_esp = 0, unhandled = 0, trunc = 0
+    cdef bint have_local = local is not None
+    cdef const uint8_t[::1] lv
+    if batch.slot_size <= start + hdr:
+        raise ValueError(f"slot of {batch.slot_size} bytes has no room after headroom "
+                         f"{start} and {hdr} bytes of outer header")
+    memset(bound, 0, 16)
+    if have_local:
+        lv = local
+        if lv.shape[0] != alen:
+            raise ValueError(f"local address of {lv.shape[0]} bytes for family {family}")
+        memcpy(bound, &lv[0], alen)
+    ike = []
+    try:
+        while batch.count < batch.capacity:
+            room = min(batch.capacity - batch.count, VLEN)
+            for k in range(room):
+                iov[k].iov_base = batch.buf + <size_t> (batch.count + k) * size + start + hdr
+                iov[k].iov_len = size - start - hdr
+                msgs[k].msg_hdr.msg_name = &names[k]
+                msgs[k].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
+                msgs[k].msg_hdr.msg_iov = &iov[k]
+                msgs[k].msg_hdr.msg_iovlen = 1
+                msgs[k].msg_hdr.msg_control = &ctrl[k][0]
+                msgs[k].msg_hdr.msg_controllen = sizeof(ctrl[k])
+                msgs[k].msg_hdr.msg_flags = 0
+                msgs[k].msg_len = 0
+            with nogil:
+                n = recvmmsg(fd, msgs, room, MSG_DONTWAIT, NULL)
+                err = errno
+            if n < 0:
+                if err == EINTR or err == ECONNREFUSED:  # a queued ICMP error of a send
+                    continue
+                if err == EAGAIN or err == EWOULDBLOCK:
+                    break
+                raise OSError(err, strerror(err).decode())
+            out = batch.count
+            for k in range(n):
+                received += 1
+                if msgs[k].msg_hdr.msg_flags & MSG_TRUNC:
+                    trunc += 1
+                    continue
+                length = msgs[k].msg_len
+                p = <uint8_t *> iov[k].iov_base
+                kind = _kind(p, length)
+                if kind == KIND_KEEPALIVE:
+                    keepalive += 1
+                    continue
+                if kind == KIND_NON_ESP:
+                    non_esp += 1
+                    if want_ike:
+                        ike.append((PyBytes_FromStringAndSize(<char *> p + 4, length - 4),
+                                    _peer(&names[k], family)))
+                    else:
+                        unhandled += 1
+                    continue
+                q = batch.buf + <size_t> out * size + start
+                if out != batch.count + k:
+                    memmove(q + hdr, p, length)
+                memcpy(laddr, bound, 16)
+                mark = _control(&msgs[k].msg_hdr, family, NULL if have_local else laddr)
+                _write_outer(q, family, &names[k], laddr, <uint16_t> local_port, length)
+                batch.off_p[out] = start
+                batch.len_p[out] = hdr + length
+                batch.mark_p[out] = mark
+                batch.sa_p[out] = -1
+                out += 1
+                esp += 1
+            batch.count = out
+            if n < room:   # the kernel found the queue empty (or an error pending)
+                break
+    finally:
+        stats["received"] += received
+        stats["esp"] += esp
+        stats["keepalive"] += keepalive
+        stats["non_esp"] += non_esp
+        stats["ike_unhandled"] += unhandled
+        stats["truncated"] += trunc
+    return esp, ike
+
+
+cdef bint _parse_outer(const uint8_t *slot, uint32_t off, uint32_t length, size_t size,
+                       int family, sockaddr_storage *name, iovec *iov) noexcept nogil:
+    """Destination and UDP payload of the whole packet at ``slot + off``, as
+    ``espdp.io._datagram.parse_outer`` reads them; False when it is not IP +
+    UDP of ``family`` (or does not fit its slot)."""
+    cdef const uint8_t *p = slot + off
+    cdef uint32_t ihl
+    cdef sockaddr_in *a4
+    cdef sockaddr_in6 *a6
+    if length < 28 or <size_t> off + length > size:
+        return False
+    if p[0] >> 4 == 4 and family == AF_INET:
+        ihl = (p[0] & 0x0F) * 4
+        if ihl < 20 or p[9] != 17 or length < ihl + 8:
+            return False
+        memset(name, 0, sizeof(sockaddr_in))
+        a4 = <sockaddr_in *> name
+        a4.sin_family = AF_INET
+        memcpy(&a4.sin_addr, p + 16, 4)
+        a4.sin_port = htons(rd16(p + ihl + 2))
+    elif p[0] >> 4 == 6 and family == AF_INET6:
+        if length < 48 or p[6] != 17:
+            return False
+        ihl = 40
+        memset(name, 0, sizeof(sockaddr_in6))
+        a6 = <sockaddr_in6 *> name
+        a6.sin6_family = AF_INET6
+        memcpy(&a6.sin6_addr, p + 24, 16)
+        a6.sin6_port = htons(rd16(p + 42))
+    else:
+        return False
+    iov.iov_base = <void *> (p + ihl + 8)
+    iov.iov_len = length - ihl - 8
+    return True
+
+
+cdef int _flush(int fd, mmsghdr *msgs, iovec *iov, sockaddr_storage *names, int n,
+                socklen_t namelen, uint64_t *counts) noexcept nogil:
+    """Send ``n`` prepared messages; 0, or an errno that is not a per-message one."""
+    cdef int k, r, done = 0, err
+    for k in range(n):
+        msgs[k].msg_hdr.msg_name = &names[k]
+        msgs[k].msg_hdr.msg_namelen = namelen
+        msgs[k].msg_hdr.msg_iov = &iov[k]
+        msgs[k].msg_hdr.msg_iovlen = 1
+        msgs[k].msg_hdr.msg_control = NULL
+        msgs[k].msg_hdr.msg_controllen = 0
+        msgs[k].msg_hdr.msg_flags = 0
+    while done < n:
+        r = sendmmsg(fd, msgs + done, n - done, MSG_DONTWAIT)
+        if r > 0:
+            counts[C_SENT] += r
+            done += r
+            continue
+        err = errno if r < 0 else EAGAIN
+        if err == EINTR:
+            continue
+        if err == EAGAIN or err == EWOULDBLOCK:
+            counts[C_DROPPED] += n - done
+            return 0
+        if (err == ECONNREFUSED or err == ENETUNREACH or err == EHOSTUNREACH
+                or err == EMSGSIZE or err == EINVAL or err == EPERM or err == EACCES):
+            counts[C_ERRORS] += 1          # this message; go on with the next
+            done += 1
+            continue
+        return err
+    return 0
+
+
+def send_batch(int fd, PacketBatch batch not None, indexes, int family, dict stats not None,
+               uint32_t mark):
+    """Send the UDP payload of the slots ``indexes`` (all when None); see the module
+    docstring.  ``mark`` is the socket's current ``SO_MARK``.  Returns
+    ``(sent, mark)``, the second the socket's mark afterwards.  Raises
+    PermissionError when ``SO_MARK`` cannot be set (after counting what was sent).
+    """
+    cdef mmsghdr msgs[VLEN]
+    cdef iovec iov[VLEN]
+    cdef sockaddr_storage names[VLEN]
+    cdef uint64_t counts[3]
+    cdef uint64_t bad = 0
+    cdef int n = 0, err = 0, i
+    cdef uint32_t m
+    cdef size_t size = batch.slot_size
+    cdef socklen_t namelen
+    _header_len(family)
+    namelen = sizeof(sockaddr_in) if family == AF_INET else sizeof(sockaddr_in6)
+    counts[0] = counts[1] = counts[2] = 0
+    try:
+        for idx in (range(batch.count) if indexes is None else indexes):
+            i = idx
+            if not 0 <= i < batch.capacity:
+                raise IndexError(f"slot {i} of a batch of {batch.capacity}")
+            if not _parse_outer(batch.buf + <size_t> i * size, batch.off_p[i], batch.len_p[i],
+                                size, family, &names[n], &iov[n]):
+                bad += 1
+                continue
+            m = batch.mark_p[i]
+            if m != mark:
+                if n:
+                    with nogil:
+                        err = _flush(fd, msgs, iov, names, n, namelen, counts)
+                    if err:
+                        raise OSError(err, strerror(err).decode())
+                    names[0] = names[n]
+                    iov[0] = iov[n]
+                    n = 0
+                if setsockopt(fd, SOL_SOCKET, SO_MARK, &m, sizeof(m)) != 0:
+                    err = errno
+                    raise OSError(err, strerror(err).decode())
+                mark = m
+            n += 1
+            if n == VLEN:
+                with nogil:
+                    err = _flush(fd, msgs, iov, names, n, namelen, counts)
+                n = 0
+                if err:
+                    raise OSError(err, strerror(err).decode())
+        if n:
+            with nogil:
+                err = _flush(fd, msgs, iov, names, n, namelen, counts)
+            if err:
+                raise OSError(err, strerror(err).decode())
+    finally:
+        stats["sent"] += counts[C_SENT]
+        stats["send_errors"] += counts[C_ERRORS]
+        stats["dropped"] += counts[C_DROPPED]
+        stats["bad_outer"] += bad
+    return counts[C_SENT], mark
