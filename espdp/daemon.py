@@ -4,7 +4,9 @@
 in an order that never leaves it half-configured:
 
 1. every SA and policy is applied to a fresh XFRM model (a bad one stops
-   the start before anything touches the system);
+   the start before anything touches the system), and each SA's outbound
+   sequence number continues past what an earlier run may have used
+   (:mod:`espdp.seqguard`);
 2. what a crashed earlier run left behind is removed (its state file);
 3. the TUN device is created (or the given fd adopted), its MTU set to what
    fits the path after encapsulation unless configured, and brought up;
@@ -32,10 +34,12 @@ from .config import Config
 from .control import ControlServer
 from .errors import ConfigError, XfrmError
 from .io.tun import Tun
+from .seqguard import SequenceGuard
 from .tunnel import Tunnel
 from .xfrm import Xfrm
 
 logger = logging.getLogger("espdp")
+GUARD_INTERVAL = 0.1   # seconds between sequence reservation checks (see seqguard)
 
 
 def runtime_dir() -> str:
@@ -75,6 +79,8 @@ class Daemon:
         self.control: Optional[ControlServer] = None
         self.metrics: Any = None
         self._cleanup: list = []
+        self.guard: Optional[SequenceGuard] = None
+        self._next_guard = 0.0
 
     @property
     def name(self) -> str:
@@ -100,6 +106,9 @@ class Daemon:
         from .netsetup import NetSetup, cleanup_stale
 
         state_dir = t.state_dir or runtime_dir()
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        self.guard = SequenceGuard(os.path.join(state_dir, f"{self.name}.seq.json"))
+        self.guard.attach(self.xfrm)   # before any packet: no sequence number used twice
         if t.tun is not None:
             removed = cleanup_stale(t.tun, state_dir)
             if any(removed.values()):
@@ -143,6 +152,7 @@ class Daemon:
                                      {"status": self.status})
         self._cleanup.append(self.control.close)
         self.tunnel.watch(self.control, self.control.poll)
+        self.tunnel.after_poll(self._check_guard)
         self.tunnel.after_poll(self.control.flush)  # events for `espdp xfrm monitor`
         if t.metrics:
             from .metrics import MetricsServer
@@ -152,6 +162,12 @@ class Daemon:
         logger.info("running: tun %s mtu %s, UDP port %d, control %s", self.name,
                     self.tun.mtu, self.tunnel.dataplane.sockets[4].port
                     if 4 in self.tunnel.dataplane.sockets else t.udp_port, self.control.path)
+
+    def _check_guard(self) -> None:
+        now = self.clock()
+        if now >= self._next_guard:
+            self._next_guard = now + GUARD_INTERVAL
+            self.guard.check()
 
     def _fitting_mtu(self) -> int:
         """The TUN MTU that fits every outbound SA configured (a GCM one over IPv6

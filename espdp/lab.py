@@ -139,11 +139,16 @@ class Lab:
 
     def masquerade(self, ports: Optional[str] = None) -> None:
         """(Re)write the NAT's ruleset: masquerade out of out0, to ``ports`` if given."""
-        to = f" to :{ports}" if ports else ""
+        to = f" meta l4proto {{ tcp, udp }} masquerade to :{ports}" if ports else " masquerade"
         sh("nft", "-f", "-", ns=self.ns["nat"], input=(
             "flush ruleset\n"
             "table ip nat {\n chain post { type nat hook postrouting priority 100;\n"
-            f"  oifname \"out0\" masquerade{to}\n }}\n}}\n"))
+            f"  oifname \"out0\"{to}\n }}\n}}\n"))
+
+    def rebind(self, ports: str) -> None:
+        """Make the NAT forget its mappings and map to ``ports`` from now on."""
+        self.masquerade(ports)
+        sh("conntrack", "-D", "-p", "udp", ns=self.ns["nat"], check=False)
 
     @staticmethod
     def _veth(ns1: str, if1: str, ns2: str, if2: str) -> None:

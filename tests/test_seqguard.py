@@ -1,0 +1,68 @@
+"""Outbound sequence numbers never repeat across restarts with the same keys."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from espdp.errors import ConfigError
+from espdp.seqguard import SequenceGuard, sa_id
+from espdp.xfrm import Xfrm
+
+KEY = "0x" + "ab" * 20
+SA = (f"state add src 192.0.2.1 dst 192.0.2.2 proto esp spi 0x10 reqid 1 mode tunnel "
+      f"aead 'rfc4106(gcm(aes))' {KEY} 128")
+
+
+def _run(path, sent: int, jump: int = 1000, checks: int = 1) -> int:
+    """One daemon lifetime: the SA sends ``sent`` packets; returns its first seq."""
+    x = Xfrm()
+    x.execute(SA, 0)
+    guard = SequenceGuard(str(path), jump=jump)
+    guard.attach(x)
+    sa = x.sad.table[0]
+    first = sa.oseq + 1
+    step = max(1, sent // checks)
+    for _ in range(checks):
+        sa.oseq = sa.oseq + step    # as the engine advances it
+        guard.check()
+    return first
+
+
+def test_restart_continues_past_every_sequence_number_used(tmp_path):
+    path = tmp_path / "esp0.seq.json"
+    assert _run(path, sent=2500, checks=10) == 1
+    second = _run(path, sent=10)
+    assert second > 2500           # a crash after 2500 packets: none repeated
+    third = _run(path, sent=10)
+    assert third > second + 10
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+    assert KEY[2:] not in path.read_text()
+
+
+def test_sa_added_later_is_protected_before_it_sends(tmp_path):
+    path = tmp_path / "g.json"
+    x = Xfrm()
+    guard = SequenceGuard(str(path), jump=100)
+    guard.attach(x)
+    x.execute(SA, 0)
+    sa = x.sad.table[0]
+    reserved = json.loads(path.read_text())["reserved"]
+    assert reserved == {sa_id(x.sad.dump()[0].info): 100} and sa.oseq == 0
+
+
+def test_other_keys_are_other_sas(tmp_path):
+    x = Xfrm()
+    x.execute(SA, 0)
+    y = Xfrm()
+    y.execute(SA.replace("ab" * 20, "cd" * 20), 0)
+    assert sa_id(x.sad.dump()[0].info) != sa_id(y.sad.dump()[0].info)
+
+
+def test_unreadable_file_stops_the_start(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="unreadable sequence reservations"):
+        SequenceGuard(str(path))
