@@ -35,7 +35,7 @@ from typing import Any, Optional
 
 from . import pmtu
 from .engine import FLAG_MAPPING, VERDICTS, PacketBatch
-from .xfrm.policy import flow_of_packet
+from .xfrm.policy import flow_key, flow_of_packet
 
 logger = logging.getLogger(__name__)
 
@@ -110,14 +110,23 @@ class Dataplane:
         if not self.tun.read_batch(batch):
             return 0
         self.counters.tun_in += batch.count
+        chosen: dict[bytes, tuple] = {}   # flow key -> (SA, family), for this batch only
         for i in range(batch.count):
             batch.sa[i] = -1
-            flow = flow_of_packet(batch.packet(i))
+            packet = batch.packet(i)
+            key = flow_key(packet)
+            hit = chosen.get(key) if key is not None else None
+            if hit is not None:  # the same flow as an earlier packet: the same decision
+                self._choose(batch, i, *hit)
+                continue
+            flow = flow_of_packet(packet)
             if flow is None:
                 self.counters.drop(self.counters.policy_drops, "not_ip")
                 continue
-            decision = self.xfrm.outbound(flow, now, packet=lambda i=i: batch.packet(i))
+            decision = self.xfrm.outbound(flow, now, packet=packet)
             if decision.action == "encrypt":
+                if key is not None:
+                    chosen[key] = (decision.sa, flow.family)
                 self._choose(batch, i, decision.sa, flow.family)
             elif decision.action == "clear":
                 # Routed into the tunnel but no policy protects it: the TUN is the
@@ -217,20 +226,26 @@ class Dataplane:
         heads = [batch.packet(i)[:48] for i in range(batch.count)]
         self.xfrm.sad.table.decrypt(batch)
         to_tun, to_kernel = [], []
+        allowed: set = set()   # (SA index, mark, flow key) accepted in this batch
         for i in range(batch.count):
             verdict = VERDICTS[batch.verdict[i]]
             if verdict != "ok":
                 self.counters.drop(self.counters.engine_drops, verdict)
                 continue
-            sa = self.xfrm.sad.table[int(batch.sa[i])]
+            index = int(batch.sa[i])
+            sa = self.xfrm.sad.table[index]
             packet = batch.packet(i)
             if batch.flags[i] & FLAG_MAPPING:
                 self.xfrm.report_mapping(sa, *_outer_source(heads[i]), now)
-            flow = flow_of_packet(packet)
             mark = int(batch.mark[i])
-            if flow is None or not self.xfrm.inbound_check(sa, flow, now, mark=mark):
-                self.counters.drop(self.counters.policy_drops, "inbound_policy")
-                continue
+            key = flow_key(packet)
+            if key is None or (index, mark, key) not in allowed:
+                flow = flow_of_packet(packet)
+                if flow is None or not self.xfrm.inbound_check(sa, flow, now, mark=mark):
+                    self.counters.drop(self.counters.policy_drops, "inbound_policy")
+                    continue
+                if key is not None:
+                    allowed.add((index, mark, key))
             (to_kernel if mark and self.injector is not None else to_tun).append(i)
         if to_tun:
             self.counters.tun_out += self.tun.write_batch(batch, to_tun)

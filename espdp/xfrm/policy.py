@@ -239,6 +239,32 @@ def flow_of_packet(packet: bytes) -> Optional[Flow]:
     return Flow(src, dst, proto)
 
 
+def flow_key(packet: bytes) -> Optional[bytes]:
+    """The bytes of ``packet`` that decide its :func:`flow_of_packet`: two packets
+    with the same key have the same flow.  None when that is not cheap to tell
+    (IPv6 extension headers, packets too short to have ports)."""
+    version = packet[0] >> 4 if packet else 0
+    if version == 4 and len(packet) >= 20:
+        off, proto = (packet[0] & 0x0F) * 4, packet[9]
+        if packet[6] & 0x1F or packet[7]:  # a later fragment: the flow has no ports
+            return b"f" + packet[9:10] + packet[12:20]
+        head = packet[9:10] + packet[12:20]
+    elif version == 6 and len(packet) >= 40:
+        off, proto = 40, packet[6]
+        if proto in _IPV6_EXTENSIONS:
+            return None
+        head = packet[6:7] + packet[8:40]
+    else:
+        return None
+    if proto in PORT_PROTOS:
+        ports = packet[off:off + 4]
+        return head + ports if len(ports) == 4 else None
+    if proto in ICMP_PROTOS:
+        ports = packet[off:off + 2]
+        return head + ports if len(ports) == 2 else None
+    return head
+
+
 def upper_matches(sel: Selector, flow: Flow) -> bool:
     """The non-address half of a selector match: ports under masks, proto, dev."""
     return (not ((flow.dport ^ sel.dport) & sel.dport_mask)
