@@ -439,3 +439,29 @@ def test_lifetime_json_shows_only_non_default_limits():
     m.newsa(sa_info(lifetime=Lifetime(hard_bytes=10**6, soft_add_expires=30)), 0)
     [state] = m.execute("ip xfrm state list", 0)["states"]
     assert state["lifetime"] == {"time-soft": 30, "byte-hard": 10**6}
+
+
+def test_generation_moves_with_every_sad_and_spd_change():
+    from espdp.xfrm import Xfrm
+
+    x = Xfrm()
+    seen = [x.generation]
+
+    def changed():
+        assert x.generation > seen[-1]
+        seen.append(x.generation)
+
+    key = "0x" + "77" * 20
+    x.execute("state add src 192.0.2.1 dst 192.0.2.2 proto esp spi 0x5 mode tunnel "
+              f"aead 'rfc4106(gcm(aes))' {key} 128 limit time-hard 10", 0)
+    changed()
+    x.execute("policy add src 10.0.0.0/8 dst 10.1.0.0/16 dir out tmpl src 192.0.2.1 "
+              "dst 192.0.2.2 proto esp mode tunnel", 0)
+    changed()
+    x.execute("policy delete src 10.0.0.0/8 dst 10.1.0.0/16 dir out", 0)
+    changed()
+    x.tick(20)   # the SA's hard lifetime ends
+    changed()
+    before = x.generation
+    x.execute("state list", 30)
+    assert x.generation == before   # reading changes nothing

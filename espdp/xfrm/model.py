@@ -162,6 +162,9 @@ class Xfrm:
         self._handles = 0
         self._pending: deque = deque()
         self._delivering = False
+        # Bumped by every change to the SAD or the SPD (each one emits an event):
+        # the dataplane's decision caches are valid for one generation.
+        self.generation = 0
 
     # ------------------------------------------------------------ events
 
@@ -190,6 +193,8 @@ class Xfrm:
                        for q in self._queues.values()))
 
     def _emit(self, events: list) -> list:
+        if events:  # every change to the SAD or the SPD comes with an event
+            self.generation += 1
         self._pending.extend(events)
         if not self._delivering:
             self._delivering = True
