@@ -22,7 +22,7 @@ import pytest
 from espdp.engine import SA, PacketBatch
 from espdp.io import UdpEncapSocket
 from espdp.io._datagram import HEADER_LEN, pack_addr, write_outer
-from espdp.io.udp import SO_MARK, SO_RCVMARK
+from espdp.io._sockopt import SO_MARK, SO_RCVMARK
 from espdp.sa import Encap
 from tests.helpers import inner_packet, sa_info
 

@@ -41,11 +41,9 @@ from collections.abc import Iterable
 from typing import Optional
 
 from ..errors import ConfigError
+from ._sockopt import SO_MARK, SO_RCVBUFFORCE, SocketDevice, enable_rcvmark, set_buffer
 
 IPPROTO_ESP = 50
-SO_MARK = getattr(socket, "SO_MARK", 36)
-SO_RCVMARK = 75
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 IP_HDRINCL = getattr(socket, "IP_HDRINCL", 3)
 IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
 IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
@@ -59,23 +57,28 @@ _SEND_ERRORS = (errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH, errno
 STAT_KEYS = ("received", "esp", "truncated", "sent", "send_errors", "bad_outer", "dropped")
 
 
-def enable_rcvmark(sock: socket.socket) -> bool:
-    """Ask for each received packet's mark (SO_RCVMARK); False when the kernel cannot."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_RCVMARK, 1)
-        return True
-    except OSError as e:
-        if e.errno in (errno.ENOPROTOOPT, errno.EINVAL):
-            return False
-        raise
-
-
 def mark_from_ancdata(ancdata) -> int:
     """The SO_MARK of a received packet (0 when the kernel did not report one)."""
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == SO_MARK and len(data) >= 4:
             return struct.unpack("=I", data[:4])[0]
     return 0
+
+
+def _send(stats: dict, send, *args) -> int:
+    """One packet out: 1, or 0 with the reason counted (a full queue, or an error
+    that concerns only this packet)."""
+    try:
+        send(*args)
+    except (BlockingIOError, InterruptedError):
+        stats["dropped"] += 1
+        return 0
+    except OSError as e:
+        if e.errno not in _SEND_ERRORS:
+            raise
+        stats["send_errors"] += 1
+        return 0
+    return 1
 
 
 def _raw_socket(family: int, proto: int, what: str) -> socket.socket:
@@ -101,7 +104,7 @@ class _MarkedSender:
             self.mark = mark
 
 
-class RawEspSocket:
+class RawEspSocket(SocketDevice):
     """IP protocol 50 for one family; see the module docstring."""
 
     def __init__(self, family: int = socket.AF_INET, bind_addr: Optional[str] = None,
@@ -115,10 +118,7 @@ class RawEspSocket:
             else:
                 for opt in (IPV6_RECVPKTINFO, IPV6_RECVHOPLIMIT, IPV6_RECVTCLASS):
                     sock.setsockopt(socket.IPPROTO_IPV6, opt, 1)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
-            except PermissionError:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            set_buffer(sock, socket.SO_RCVBUF, SO_RCVBUFFORCE, rcvbuf)
             self.rcvmark = enable_rcvmark(sock) if rcvmark else False
             if bind_addr:
                 sock.bind((bind_addr, 0))
@@ -128,18 +128,6 @@ class RawEspSocket:
             raise ConfigError(f"raw ESP socket: {e.strerror}") from None
         self.sock = sock
         self._marks = _MarkedSender(sock)
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> RawEspSocket:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<RawEspSocket v{4 if self.family == socket.AF_INET else 6}>"
@@ -217,20 +205,10 @@ class RawEspSocket:
                 send = [(socket.IPPROTO_IPV6, IPV6_TCLASS, struct.pack("=i", tclass)),
                         (socket.IPPROTO_IPV6, IPV6_HOPLIMIT, struct.pack("=i", packet[7]))]
             self._marks.set(int(batch.mark[i]))
-            try:
-                if send is None:
-                    self.sock.sendto(packet, (dst, 0))
-                else:
-                    self.sock.sendmsg([packet[40:]], send, 0, (dst, 0))
-            except (BlockingIOError, InterruptedError):
-                self.stats["dropped"] += 1
-                continue
-            except OSError as e:
-                if e.errno not in _SEND_ERRORS:
-                    raise
-                self.stats["send_errors"] += 1
-                continue
-            sent += 1
+            if send is None:
+                sent += _send(self.stats, self.sock.sendto, packet, (dst, 0))
+            else:
+                sent += _send(self.stats, self.sock.sendmsg, [packet[40:]], send, 0, (dst, 0))
         self.stats["sent"] += sent
         return sent
 
@@ -266,17 +244,7 @@ class KernelInjector:
                 continue
             sender = self._socks[version]
             sender.set(int(batch.mark[i]))
-            try:
-                sender.sock.sendto(packet, (dst, 0))
-            except (BlockingIOError, InterruptedError):
-                self.stats["dropped"] += 1
-                continue
-            except OSError as e:
-                if e.errno not in _SEND_ERRORS:
-                    raise
-                self.stats["send_errors"] += 1
-                continue
-            sent += 1
+            sent += _send(self.stats, sender.sock.sendto, packet, (dst, 0))
         self.stats["sent"] += sent
         return sent
 

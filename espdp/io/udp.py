@@ -43,19 +43,23 @@ from ._datagram import (
     pack_addr,
     parse_outer,
 )
+from ._sockopt import (
+    SO_MARK,
+    SO_RCVBUFFORCE,
+    SO_SNDBUFFORCE,
+    SocketDevice,
+    enable_rcvmark,
+    set_buffer,
+)
 
 try:
     from .. import _mmsg
 except ImportError:  # built without the extension: the Python path below
     _mmsg = None
 
-SO_MARK = getattr(socket, "SO_MARK", 36)
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
-SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
 IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
-SO_RCVMARK = getattr(socket, "SO_RCVMARK", 75)
 # in6_pktinfo (20) >= in_pktinfo (12), and the u32 of SO_MARK
 _ANCBUF = socket.CMSG_SPACE(20) + socket.CMSG_SPACE(4)
 MMSG = _mmsg is not None and bool(_mmsg.HAVE_MMSG)
@@ -69,7 +73,7 @@ def _family(family: int) -> int:
     raise ConfigError(f"family {family}: expected 4, 6, AF_INET or AF_INET6")
 
 
-class UdpEncapSocket:
+class UdpEncapSocket(SocketDevice):
     """A non-blocking UDP socket for ESP in UDP; see the module docstring.
 
     ``stats`` counts ``received``, ``esp``, ``keepalive``, ``non_esp``,
@@ -101,11 +105,11 @@ class UdpEncapSocket:
                 sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
             else:
                 sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
-            self.rcvmark = self._set_rcvmark(sock)
+            self.rcvmark = enable_rcvmark(sock)
             if reuse_port:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            self._set_buffer(sock, socket.SO_RCVBUF, SO_RCVBUFFORCE, rcvbuf)
-            self._set_buffer(sock, socket.SO_SNDBUF, SO_SNDBUFFORCE, sndbuf)
+            set_buffer(sock, socket.SO_RCVBUF, SO_RCVBUFFORCE, rcvbuf)
+            set_buffer(sock, socket.SO_SNDBUF, SO_SNDBUFFORCE, sndbuf)
             try:
                 sock.bind((host, port))
             except OSError as exc:
@@ -119,37 +123,6 @@ class UdpEncapSocket:
         self.bind_addr = bind_addr
         self._local = None if host == wildcard else pack_addr(self.family, host)
         self._hdr = HEADER_LEN[self.family]
-
-    @staticmethod
-    def _set_rcvmark(sock: socket.socket) -> bool:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, SO_RCVMARK, 1)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOPROTOOPT, errno.EINVAL):
-                raise
-            return False
-        return True
-
-    @staticmethod
-    def _set_buffer(sock: socket.socket, opt: int, force: int, size: int) -> None:
-        if not size:
-            return
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, force, size)  # beyond rmem_max, needs root
-        except PermissionError:
-            sock.setsockopt(socket.SOL_SOCKET, opt, size)
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> UdpEncapSocket:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         fam = 4 if self.family == socket.AF_INET else 6
