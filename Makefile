@@ -1,5 +1,5 @@
 # The two commands of the README, and a few for developers.
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean sanitize
 
 demo:
 	@scripts/bootstrap.sh
@@ -7,8 +7,13 @@ demo:
 
 test:
 	@scripts/bootstrap.sh
-	.venv/bin/python -m ruff check espdp tests bench
+	.venv/bin/python -m ruff check espdp tests bench examples
 	.venv/bin/python -m pytest -q
+	scripts/sanitize.sh
+
+sanitize:
+	@scripts/bootstrap.sh
+	scripts/sanitize.sh
 
 lint:
 	.venv/bin/python -m ruff check espdp tests bench

@@ -18,13 +18,13 @@ import textwrap
 import time
 
 import pytest
+from helpers import inner_packet, sa_info
 
 from espdp.engine import SA, PacketBatch
 from espdp.io import UdpEncapSocket
 from espdp.io._datagram import HEADER_LEN, pack_addr, write_outer
 from espdp.io._sockopt import SO_MARK, SO_RCVMARK
 from espdp.sa import Encap
-from tests.helpers import inner_packet, sa_info
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="recvmmsg/sendmmsg are Linux's")
