@@ -301,3 +301,38 @@ def test_measure_recv_pps():
     mm = _recv_pps("mmsg")
     print(f"\nrecv 64-byte datagrams on loopback: python {py:,.0f} pps, "
           f"recvmmsg {mm:,.0f} pps, x{mm / py:.1f}")
+
+
+@pytest.mark.parametrize("fam", [4, 6])
+@pytest.mark.parametrize("gso", [True, False])
+def test_equal_sized_runs_arrive_as_separate_datagrams(fam, gso):
+    """UDP GSO groups runs of equal-sized datagrams to one peer into one message;
+    the receiver must still see every datagram as it was, in order."""
+    host = LOOP[fam]
+    with UdpEncapSocket(fam, 0, host, gso=gso) as a, \
+            socket.socket(AF[fam], socket.SOCK_DGRAM) as b, \
+            socket.socket(AF[fam], socket.SOCK_DGRAM) as c:
+        for s in (b, c):
+            s.bind((host, 0))
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        addr = ipaddress.ip_address(host)
+        batches = []
+        for dport in (b.getsockname()[1], c.getsockname()[1]):
+            info = dataclasses.replace(sa_info(fam, encap=True, src=addr, dst=addr),
+                                       encap=Encap("espinudp", a.port, dport))
+            batches.append((SA(info), dport))
+        batch = PacketBatch(64)
+        # runs: 40 equal to b, then one shorter, then 3 to c, then 20 equal to b again
+        plan = [0] * 40 + [0] + [1] * 3 + [0] * 20
+        for k, which in enumerate(plan):
+            verdict, packet, _ = batches[which][0].encrypt_packet(
+                inner_packet(fam, size=500 if k == 40 else 1000))
+            assert verdict == "ok"
+            batch.add(packet)
+        hdr = HEADER_LEN[AF[fam]]
+        expect = [batch.packet(i)[hdr:] for i in range(batch.count)]
+        assert a.write_batch(batch) == len(plan) and a.gso == gso
+        to_b = [e for e, w in zip(expect, plan, strict=True) if w == 0]
+        to_c = [e for e, w in zip(expect, plan, strict=True) if w == 1]
+        assert [d for d, _, _ in _recv_marked(b, len(to_b))] == to_b
+        assert [d for d, _, _ in _recv_marked(c, len(to_c))] == to_c

@@ -72,11 +72,18 @@ cdef extern from *:
     #ifndef MSG_DONTWAIT
     #define MSG_DONTWAIT 0x40
     #endif
+    #ifndef SOL_UDP
+    #define SOL_UDP 17
+    #endif
+    #ifndef UDP_SEGMENT
+    #define UDP_SEGMENT 103
+    #endif
+    #include <string.h>
     """
     bint ESPDP_HAVE_MMSG
     int EAGAIN, EWOULDBLOCK, ENOSYS
     int AF_INET, AF_INET6, SOL_SOCKET, SO_MARK, IPPROTO_IP, IPPROTO_IPV6
-    int IP_PKTINFO, IPV6_PKTINFO, MSG_DONTWAIT, MSG_TRUNC
+    int IP_PKTINFO, IPV6_PKTINFO, MSG_DONTWAIT, MSG_TRUNC, SOL_UDP, UDP_SEGMENT, EIO
     ctypedef unsigned int socklen_t
 
     struct iovec:
@@ -124,6 +131,9 @@ cdef extern from *:
     cmsghdr *CMSG_FIRSTHDR(msghdr *m) nogil
     cmsghdr *CMSG_NXTHDR(msghdr *m, cmsghdr *c) nogil
     uint8_t *CMSG_DATA(cmsghdr *c) nogil
+    size_t CMSG_SPACE(size_t n) nogil
+    size_t CMSG_LEN(size_t n) nogil
+    int memcmp(const void *a, const void *b, size_t n) nogil
     uint16_t htons(uint16_t v) nogil
     uint16_t ntohs(uint16_t v) nogil
     int recvmmsg(int fd, mmsghdr *v, unsigned int n, int flags, void *timeout) nogil
@@ -142,6 +152,9 @@ cdef enum:
     C_SENT = 0
     C_ERRORS = 1
     C_DROPPED = 2
+    # UDP GSO (UDP_SEGMENT): equal-sized datagrams to one peer leave as one message
+    GSO_SEGS = 64      # at most this many datagrams per message (UDP_MAX_SEGMENTS)
+    GSO_BYTES = 65000  # and this many bytes of payload in all
 
 
 cdef inline int _kind(const uint8_t *p, uint32_t n) noexcept nogil:
@@ -373,33 +386,78 @@ cdef bint _parse_outer(const uint8_t *slot, uint32_t off, uint32_t length, size_
     return True
 
 
+cdef int _group(mmsghdr *msgs, iovec *iov, sockaddr_storage *names, int n,
+                socklen_t namelen, uint16_t *seg, uint64_t (*ctrl)[4], bint gso) noexcept nogil:
+    """Point ``msgs`` at the ``n`` prepared datagrams; with ``gso``, runs of datagrams
+    of one size to one peer (the last of a run may be shorter) share a message with
+    a UDP_SEGMENT control message.  ``seg[g]`` is message g's datagram count.
+    Returns the number of messages."""
+    cdef int k = 0, g = 0, first, count
+    cdef size_t size, total
+    cdef uint16_t gso_size
+    cdef cmsghdr *c
+    while k < n:
+        first, count = k, 1
+        size, total = iov[k].iov_len, iov[k].iov_len
+        k += 1
+        while (gso and k < n and count < GSO_SEGS and total + iov[k].iov_len <= GSO_BYTES
+               and iov[k - 1].iov_len == size and iov[k].iov_len <= size
+               and memcmp(&names[k], &names[first], namelen) == 0):
+            total += iov[k].iov_len
+            count += 1
+            k += 1
+        msgs[g].msg_hdr.msg_name = &names[first]
+        msgs[g].msg_hdr.msg_namelen = namelen
+        msgs[g].msg_hdr.msg_iov = &iov[first]
+        msgs[g].msg_hdr.msg_iovlen = count
+        msgs[g].msg_hdr.msg_flags = 0
+        msgs[g].msg_hdr.msg_control = NULL
+        msgs[g].msg_hdr.msg_controllen = 0
+        if count > 1:
+            msgs[g].msg_hdr.msg_control = &ctrl[g][0]
+            msgs[g].msg_hdr.msg_controllen = CMSG_SPACE(sizeof(uint16_t))
+            c = CMSG_FIRSTHDR(&msgs[g].msg_hdr)
+            c.cmsg_level = SOL_UDP
+            c.cmsg_type = UDP_SEGMENT
+            c.cmsg_len = CMSG_LEN(sizeof(uint16_t))
+            gso_size = <uint16_t> size
+            memcpy(CMSG_DATA(c), &gso_size, sizeof(uint16_t))
+        seg[g] = count
+        g += 1
+    return g
+
+
 cdef int _flush(int fd, mmsghdr *msgs, iovec *iov, sockaddr_storage *names, int n,
-                socklen_t namelen, uint64_t *counts) noexcept nogil:
-    """Send ``n`` prepared messages; 0, or an errno that is not a per-message one."""
-    cdef int k, r, done = 0, err
-    for k in range(n):
-        msgs[k].msg_hdr.msg_name = &names[k]
-        msgs[k].msg_hdr.msg_namelen = namelen
-        msgs[k].msg_hdr.msg_iov = &iov[k]
-        msgs[k].msg_hdr.msg_iovlen = 1
-        msgs[k].msg_hdr.msg_control = NULL
-        msgs[k].msg_hdr.msg_controllen = 0
-        msgs[k].msg_hdr.msg_flags = 0
-    while done < n:
-        r = sendmmsg(fd, msgs + done, n - done, MSG_DONTWAIT)
+                socklen_t namelen, uint64_t *counts, bint *gso) noexcept nogil:
+    """Send ``n`` prepared datagrams; 0, or an errno that is not a per-message one.
+    ``*gso`` is cleared, and the datagrams sent one by one, when the kernel
+    refuses UDP_SEGMENT (EIO, EINVAL on a grouped message)."""
+    cdef int r, done = 0, err, nmsg
+    cdef uint16_t seg[VLEN]
+    cdef uint64_t ctrl[VLEN][4]       # CMSG_SPACE(2) is 24 bytes on 64-bit Linux
+    cdef int k
+    nmsg = _group(msgs, iov, names, n, namelen, seg, ctrl, gso[0])
+    while done < nmsg:
+        r = sendmmsg(fd, msgs + done, nmsg - done, MSG_DONTWAIT)
         if r > 0:
-            counts[C_SENT] += r
+            for k in range(done, done + r):
+                counts[C_SENT] += seg[k]
             done += r
             continue
         err = errno if r < 0 else EAGAIN
         if err == EINTR:
             continue
         if err == EAGAIN or err == EWOULDBLOCK:
-            counts[C_DROPPED] += n - done
+            for k in range(done, nmsg):
+                counts[C_DROPPED] += seg[k]
             return 0
+        if seg[done] > 1 and (err == EIO or err == EINVAL):
+            gso[0] = False       # no UDP GSO here: the rest one datagram a message
+            k = <int> (msgs[done].msg_hdr.msg_iov - iov)
+            return _flush(fd, msgs, iov + k, names + k, n - k, namelen, counts, gso)
         if (err == ECONNREFUSED or err == ENETUNREACH or err == EHOSTUNREACH
                 or err == EMSGSIZE or err == EINVAL or err == EPERM or err == EACCES):
-            counts[C_ERRORS] += 1          # this message; go on with the next
+            counts[C_ERRORS] += seg[done]  # this message; go on with the next
             done += 1
             continue
         return err
@@ -407,11 +465,13 @@ cdef int _flush(int fd, mmsghdr *msgs, iovec *iov, sockaddr_storage *names, int 
 
 
 def send_batch(int fd, PacketBatch batch not None, indexes, int family, dict stats not None,
-               uint32_t mark):
+               uint32_t mark, bint gso=False):
     """Send the UDP payload of the slots ``indexes`` (all when None); see the module
-    docstring.  ``mark`` is the socket's current ``SO_MARK``.  Returns
-    ``(sent, mark)``, the second the socket's mark afterwards.  Raises
-    PermissionError when ``SO_MARK`` cannot be set (after counting what was sent).
+    docstring.  ``mark`` is the socket's current ``SO_MARK``; with ``gso``, runs of
+    equal-sized datagrams to one peer go out as one UDP_SEGMENT message each.
+    Returns ``(sent, mark, gso)``: the socket's mark afterwards, and False for
+    ``gso`` when the kernel refused it.  Raises PermissionError when ``SO_MARK``
+    cannot be set (after counting what was sent).
     """
     cdef mmsghdr msgs[VLEN]
     cdef iovec iov[VLEN]
@@ -438,7 +498,7 @@ def send_batch(int fd, PacketBatch batch not None, indexes, int family, dict sta
             if m != mark:
                 if n:
                     with nogil:
-                        err = _flush(fd, msgs, iov, names, n, namelen, counts)
+                        err = _flush(fd, msgs, iov, names, n, namelen, counts, &gso)
                     if err:
                         raise OSError(err, strerror(err).decode())
                     names[0] = names[n]
@@ -451,13 +511,13 @@ def send_batch(int fd, PacketBatch batch not None, indexes, int family, dict sta
             n += 1
             if n == VLEN:
                 with nogil:
-                    err = _flush(fd, msgs, iov, names, n, namelen, counts)
+                    err = _flush(fd, msgs, iov, names, n, namelen, counts, &gso)
                 n = 0
                 if err:
                     raise OSError(err, strerror(err).decode())
         if n:
             with nogil:
-                err = _flush(fd, msgs, iov, names, n, namelen, counts)
+                err = _flush(fd, msgs, iov, names, n, namelen, counts, &gso)
             if err:
                 raise OSError(err, strerror(err).decode())
     finally:
@@ -465,4 +525,4 @@ def send_batch(int fd, PacketBatch batch not None, indexes, int family, dict sta
         stats["send_errors"] += counts[C_ERRORS]
         stats["dropped"] += counts[C_DROPPED]
         stats["bad_outer"] += bad
-    return counts[C_SENT], mark
+    return counts[C_SENT], mark, gso
