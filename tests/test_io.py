@@ -126,10 +126,11 @@ def test_memory_pipe():
 
 
 TUN_CHILD = textwrap.dedent("""
-    import fcntl, json, os, select, socket, struct, subprocess
+    import fcntl, json, os, select, socket, struct, subprocess, sys
     from espdp.engine import PacketBatch
     from espdp.io import Tun
     from espdp.io.tun import IFF_NO_PI, IFF_TUN, TUNSETIFF
+    Tun.io_path = sys.argv[1]
     with Tun.create("espt0", mtu=1300) as tun:
         link = json.loads(subprocess.check_output(["ip", "-j", "link", "show", "espt0"]))[0]
         assert link["mtu"] == 1300 and "UP" in link["flags"], link
@@ -183,10 +184,11 @@ def netns():
 
 @pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/net/tun"),
                     reason="needs root and /dev/net/tun")
-def test_tun_in_namespace(netns):
+@pytest.mark.parametrize("io_path", ["c", "python"])
+def test_tun_in_namespace(netns, io_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root)
-    res = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", TUN_CHILD],
+    res = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", TUN_CHILD, io_path],
                          capture_output=True, text=True, timeout=30, env=env)
     assert res.returncode == 0 and "TUN-OK" in res.stdout, res.stderr
 

@@ -17,6 +17,11 @@ from typing import Optional
 
 from ..errors import ConfigError
 
+try:
+    from .. import _mmsg
+except ImportError:  # built without the extension: the Python loops below
+    _mmsg = None
+
 TUN_PATH = "/dev/net/tun"
 TUNSETIFF = 0x400454CA
 TUNGETIFF = 0x800454D2
@@ -60,15 +65,20 @@ def set_up(name: str) -> None:
 class Tun:
     """A TUN device queue; use :meth:`create` or :meth:`from_fd`.
 
-    ``stats`` counts ``received``, ``sent``, ``dropped`` (EAGAIN on write) and
-    ``send_errors`` (the kernel refused a packet, e.g. a malformed one).
+    ``stats`` counts ``received``, ``sent``, ``dropped`` (EAGAIN on write),
+    ``send_errors`` (the kernel refused a packet, e.g. a malformed one) and
+    ``truncated`` (a packet longer than a slot's room).  ``io_path`` is ``"c"``
+    (the extension's loops) or ``"python"``.
     """
+
+    io_path: str = "c" if _mmsg is not None and hasattr(_mmsg, "tun_read_batch") else "python"
 
     def __init__(self, fd: int, name: Optional[str], owns_fd: bool = True) -> None:
         self.fd = fd
         self.name = name
         self._owns = owns_fd
-        self.stats = {"received": 0, "sent": 0, "dropped": 0, "send_errors": 0}
+        self.stats = {"received": 0, "sent": 0, "dropped": 0, "send_errors": 0,
+                      "truncated": 0}
 
     @classmethod
     def create(cls, name: str, mtu: int = 1400, multi_queue: bool = False) -> Tun:
@@ -149,7 +159,11 @@ class Tun:
 
     def read_batch(self, batch) -> int:
         """Read packets into slots from ``batch.count`` on, each at the slot's headroom,
-        until EAGAIN or the batch is full; returns the number added."""
+        until EAGAIN or the batch is full; returns the number added.  One ``read`` per
+        packet (the TUN has no batch call) in C with the GIL released, or from Python
+        where the extension lacks it (``io_path``)."""
+        if self.io_path == "c":
+            return _mmsg.tun_read_batch(self.fd, batch, self.stats)
         added = 0
         start = batch.headroom
         fd = self.fd
@@ -172,6 +186,8 @@ class Tun:
 
     def write_batch(self, batch, indexes: Optional[Iterable[int]] = None) -> int:
         """Write each given slot's ``[offset:offset + length]`` (all slots when None)."""
+        if self.io_path == "c":
+            return _mmsg.tun_write_batch(self.fd, batch, indexes, self.stats)
         sent = 0
         fd = self.fd
         for i in range(batch.count) if indexes is None else indexes:

@@ -39,6 +39,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.errno cimport (EACCES, ECONNREFUSED, EHOSTUNREACH, EINTR, EINVAL, EMSGSIZE,
                          ENETUNREACH, EPERM, errno)
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from posix.unistd cimport read, write
 from libc.string cimport memcpy, memmove, memset, strerror
 
 from espdp._engine cimport PacketBatch
@@ -526,3 +527,97 @@ def send_batch(int fd, PacketBatch batch not None, indexes, int family, dict sta
         stats["dropped"] += counts[C_DROPPED]
         stats["bad_outer"] += bad
     return counts[C_SENT], mark, gso
+
+
+# ---------------------------------------------------------------- TUN
+
+def tun_read_batch(int fd, PacketBatch batch not None, dict stats not None) -> int:
+    """Read packets from a non-blocking TUN fd into slots ``batch.count..`` (each at
+    the headroom) until EAGAIN or the batch is full, with the GIL released; the
+    number added.  A packet that fills the whole room may have been cut by the
+    kernel: counted ``truncated`` and dropped.  An error other than EAGAIN/EINTR
+    is raised only when nothing was read (what was read is never lost)."""
+    cdef int start = batch.headroom, i, err = 0
+    cdef size_t room = batch.slot_size - batch.headroom
+    cdef ssize_t n
+    cdef uint8_t *slot
+    cdef uint64_t added = 0, trunc = 0
+    with nogil:
+        while batch.count < batch.capacity:
+            i = batch.count
+            slot = batch.buf + <size_t> i * batch.slot_size
+            n = read(fd, slot + start, room)
+            if n < 0:
+                err = errno
+                if err == EINTR:
+                    err = 0
+                    continue
+                if err == EAGAIN or err == EWOULDBLOCK:
+                    err = 0
+                break
+            if n == 0:
+                break
+            if <size_t> n >= room:
+                trunc += 1
+                continue
+            batch.off_p[i] = start
+            batch.len_p[i] = <uint32_t> n
+            batch.mark_p[i] = 0
+            batch.sa_p[i] = -1
+            batch.count = i + 1
+            added += 1
+    stats["received"] += added
+    if trunc:
+        stats["truncated"] = stats.get("truncated", 0) + trunc
+    if err and not added:
+        raise OSError(err, strerror(err).decode())
+    return added
+
+
+def tun_write_batch(int fd, PacketBatch batch not None, indexes, dict stats not None) -> int:
+    """Write each given slot's packet (all slots when ``indexes`` is None), with
+    the GIL released; the number written.  EAGAIN (the queue is full) counts the
+    rest ``dropped``; EINVAL, EIO, EFAULT or ENOMEM for one packet counts it in
+    ``send_errors`` and goes on."""
+    cdef int k, m, i, j, err
+    cdef ssize_t n
+    cdef uint64_t sent = 0, dropped = 0, errors = 0
+    cdef int[64] idx
+    cdef object it = range(batch.count) if indexes is None else indexes
+    chunk = []
+    for value in it:
+        i = value
+        if not 0 <= i < batch.count:
+            raise IndexError(f"slot {i} of a batch of {batch.count}")
+        chunk.append(i)
+    k = 0
+    while k < len(chunk):
+        m = 0
+        while m < 64 and k + m < len(chunk):
+            idx[m] = chunk[k + m]
+            m += 1
+        with nogil:
+            j = 0
+            while j < m:
+                i = idx[j]
+                n = write(fd, batch.buf + <size_t> i * batch.slot_size + batch.off_p[i],
+                          batch.len_p[i])
+                if n < 0:
+                    err = errno
+                    if err == EINTR:
+                        continue
+                    if err == EAGAIN or err == EWOULDBLOCK:
+                        dropped += m - j
+                        break
+                    errors += 1      # this packet (EINVAL, EIO, ...): go on
+                else:
+                    sent += 1
+                j += 1
+        k += m
+        if dropped:
+            dropped += len(chunk) - k
+            break
+    stats["sent"] += sent
+    stats["dropped"] += dropped
+    stats["send_errors"] += errors
+    return sent
