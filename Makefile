@@ -20,7 +20,10 @@ lint:
 
 bench:
 	@scripts/bootstrap.sh
+	@scripts/bench-deps.sh
 	.venv/bin/python bench/engine.py --all
+	.venv/bin/python bench/lookup.py
+	.venv/bin/python bench/e2e.py
 
 clean:
 	rm -rf build .venv espdp/*.so src_cython/espdp/*.c src_cython/espdp/*.html
