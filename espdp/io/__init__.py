@@ -15,7 +15,9 @@ marker) and at the outer IP + UDP header the engine wrote.
 """
 
 from .memory import MemoryPipe, MemoryUdp
+from .raw import KernelInjector, RawEspSocket
 from .tun import Tun
 from .udp import UdpEncapSocket
 
-__all__ = ["MemoryPipe", "MemoryUdp", "Tun", "UdpEncapSocket"]
+__all__ = ["KernelInjector", "MemoryPipe", "MemoryUdp", "RawEspSocket", "Tun",
+           "UdpEncapSocket"]

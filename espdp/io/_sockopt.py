@@ -5,10 +5,21 @@ from __future__ import annotations
 import errno
 import socket
 
+from ..errors import ConfigError
+
 SO_MARK = getattr(socket, "SO_MARK", 36)
 SO_RCVMARK = 75   # Linux 5.19
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+
+
+def address_family(family: int) -> int:
+    """AF_INET or AF_INET6 for 4, 6 or either constant; ConfigError otherwise."""
+    if family in (4, socket.AF_INET):
+        return socket.AF_INET
+    if family in (6, socket.AF_INET6):
+        return socket.AF_INET6
+    raise ConfigError(f"family {family}: expected 4, 6, AF_INET or AF_INET6")
 
 
 def enable_rcvmark(sock: socket.socket) -> bool:

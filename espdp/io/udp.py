@@ -48,6 +48,7 @@ from ._sockopt import (
     SO_RCVBUFFORCE,
     SO_SNDBUFFORCE,
     SocketDevice,
+    address_family,
     enable_rcvmark,
     set_buffer,
 )
@@ -63,14 +64,6 @@ IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
 # in6_pktinfo (20) >= in_pktinfo (12), and the u32 of SO_MARK
 _ANCBUF = socket.CMSG_SPACE(20) + socket.CMSG_SPACE(4)
 MMSG = _mmsg is not None and bool(_mmsg.HAVE_MMSG)
-
-
-def _family(family: int) -> int:
-    if family in (4, socket.AF_INET):
-        return socket.AF_INET
-    if family in (6, socket.AF_INET6):
-        return socket.AF_INET6
-    raise ConfigError(f"family {family}: expected 4, 6, AF_INET or AF_INET6")
 
 
 class UdpEncapSocket(SocketDevice):
@@ -94,7 +87,7 @@ class UdpEncapSocket(SocketDevice):
                  bind_addr: Optional[str] = None, reuse_port: bool = False,
                  rcvbuf: int = 4 << 20, sndbuf: int = 4 << 20,
                  on_ike: Optional[IkeCallback] = None, gso: bool = True) -> None:
-        self.family = _family(family)
+        self.family = address_family(family)
         self.on_ike = on_ike
         self.stats = new_stats()
         self._mark = 0
