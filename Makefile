@@ -7,9 +7,10 @@ demo:
 
 test:
 	@scripts/bootstrap.sh
-	.venv/bin/python -m ruff check espdp tests bench examples
+	.venv/bin/python -m ruff check espdp tests bench examples fuzz
 	.venv/bin/python -m pytest -q
 	scripts/sanitize.sh
+	scripts/fuzz.sh 10
 
 sanitize:
 	@scripts/bootstrap.sh
