@@ -161,47 +161,84 @@ class Tun:
         """Read packets into slots from ``batch.count`` on, each at the slot's headroom,
         until EAGAIN or the batch is full; returns the number added.  One ``read`` per
         packet (the TUN has no batch call) in C with the GIL released, or from Python
-        where the extension lacks it (``io_path``)."""
+        where the extension lacks it (``io_path``).
+
+        The kernel cuts a TUN packet longer than the buffer without saying so: the
+        device's MTU must be below ``slot_size - headroom``.  A read that fills the
+        whole room is counted ``truncated`` and dropped.  An error other than EAGAIN
+        or EINTR is raised only when nothing was read; packets read are never lost."""
         if self.io_path == "c":
             return _mmsg.tun_read_batch(self.fd, batch, self.stats)
-        added = 0
+        added = truncated = 0
         start = batch.headroom
+        room = batch.slot_size - start
         fd = self.fd
-        while batch.count < batch.capacity:
-            i = batch.count
-            try:
-                n = os.readv(fd, [memoryview(batch.data[i])[start:]])
-            except (BlockingIOError, InterruptedError):
-                break
-            if n <= 0:
-                break
-            batch.offset[i] = start
-            batch.length[i] = n
-            batch.mark[i] = 0
-            batch.sa[i] = -1
-            batch.count = i + 1
-            added += 1
-        self.stats["received"] += added
+        try:
+            while batch.count < batch.capacity:
+                i = batch.count
+                try:
+                    n = os.readv(fd, [memoryview(batch.data[i])[start:]])
+                except InterruptedError:
+                    continue
+                except BlockingIOError:
+                    break
+                except OSError:
+                    if added:
+                        break
+                    raise
+                if n <= 0:
+                    break
+                if n >= room:
+                    truncated += 1
+                    continue
+                batch.offset[i] = start
+                batch.length[i] = n
+                batch.mark[i] = 0
+                batch.sa[i] = -1
+                batch.count = i + 1
+                added += 1
+        finally:
+            self.stats["received"] += added
+            self.stats["truncated"] += truncated
         return added
 
     def write_batch(self, batch, indexes: Optional[Iterable[int]] = None) -> int:
-        """Write each given slot's ``[offset:offset + length]`` (all slots when None)."""
+        """Write each given slot's ``[offset:offset + length]`` (all slots when None);
+        returns the number written.  EAGAIN (the kernel's queue is full) counts this
+        packet and the rest ``dropped``; a packet the kernel refuses (EINVAL, EIO,
+        EFAULT, ENOMEM), or a slot whose offset + length overrun it, counts in
+        ``send_errors`` and the rest are written."""
         if self.io_path == "c":
             return _mmsg.tun_write_batch(self.fd, batch, indexes, self.stats)
-        sent = 0
+        order = list(range(batch.count) if indexes is None else indexes)
+        for i in order:
+            if not 0 <= i < batch.count:
+                raise IndexError(f"slot {i} of a batch of {batch.count}")
+        sent = k = 0
         fd = self.fd
-        for i in range(batch.count) if indexes is None else indexes:
-            off = int(batch.offset[i])
-            try:
-                os.write(fd, memoryview(batch.data[i])[off:off + int(batch.length[i])])
-            except (BlockingIOError, InterruptedError):
-                self.stats["dropped"] += 1
-                continue
-            except OSError as exc:
-                if exc.errno not in (errno.EINVAL, errno.EIO, errno.EFAULT, errno.ENOMEM):
-                    raise
-                self.stats["send_errors"] += 1
-                continue
-            sent += 1
-        self.stats["sent"] += sent
+        size = batch.slot_size
+        try:
+            while k < len(order):
+                i = order[k]
+                off, length = int(batch.offset[i]), int(batch.length[i])
+                if off + length > size:
+                    self.stats["send_errors"] += 1
+                    k += 1
+                    continue
+                try:
+                    os.write(fd, memoryview(batch.data[i])[off:off + length])
+                except InterruptedError:
+                    continue
+                except BlockingIOError:
+                    self.stats["dropped"] += len(order) - k
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EINVAL, errno.EIO, errno.EFAULT, errno.ENOMEM):
+                        raise
+                    self.stats["send_errors"] += 1
+                else:
+                    sent += 1
+                k += 1
+        finally:
+            self.stats["sent"] += sent
         return sent

@@ -578,17 +578,22 @@ def tun_write_batch(int fd, PacketBatch batch not None, indexes, dict stats not 
     """Write each given slot's packet (all slots when ``indexes`` is None), with
     the GIL released; the number written.  EAGAIN (the queue is full) counts the
     rest ``dropped``; EINVAL, EIO, EFAULT or ENOMEM for one packet counts it in
-    ``send_errors`` and goes on."""
+    ``send_errors`` and goes on, as does a slot whose offset + length do not fit
+    in it (nothing is read outside the slot)."""
     cdef int k, m, i, j, err
     cdef ssize_t n
     cdef uint64_t sent = 0, dropped = 0, errors = 0
     cdef int[64] idx
+    cdef size_t size = batch.slot_size
     cdef object it = range(batch.count) if indexes is None else indexes
     chunk = []
     for value in it:
         i = value
         if not 0 <= i < batch.count:
             raise IndexError(f"slot {i} of a batch of {batch.count}")
+        if <size_t> batch.off_p[i] + batch.len_p[i] > size:
+            errors += 1
+            continue
         chunk.append(i)
     k = 0
     while k < len(chunk):
