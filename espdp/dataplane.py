@@ -34,12 +34,14 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from . import pmtu
+from ._flow import FlowCache, InboundCache
 from .engine import FLAG_MAPPING, VERDICTS, PacketBatch
 from .xfrm.policy import flow_key, flow_of_packet
 
 logger = logging.getLogger(__name__)
 
 BATCH = 64
+FLOW_CACHE = 4096   # flows remembered per direction
 SLOT = 2048 + 256
 IPPROTO_UDP = 17
 
@@ -96,6 +98,8 @@ class Dataplane:
         self._out = PacketBatch(BATCH, SLOT)
         self._in = PacketBatch(BATCH, SLOT)
         self._icmp = PacketBatch(BATCH, SLOT)
+        self._flows = FlowCache(FLOW_CACHE)    # outbound: flow -> SA
+        self._accepted = InboundCache(FLOW_CACHE)  # inbound: (SA, mark, flow) allowed
         self._fits: dict[int, tuple] = {}      # engine SA index -> (info, {family: max inner})
         self._used: dict[int, Any] = {}        # engine SA index -> SA used for output
         self._idle: dict[int, int] = {}        # engine SA index -> oseq at the last check
@@ -110,9 +114,11 @@ class Dataplane:
         if not self.tun.read_batch(batch):
             return 0
         self.counters.tun_in += batch.count
-        chosen: dict[bytes, tuple] = {}   # flow key -> (SA, family), for this batch only
-        for i in range(batch.count):
-            batch.sa[i] = -1
+        # Flows decided before (in this SAD/SPD generation) get their SA in C; the
+        # rest are decided here and remembered.
+        misses = self._flows.classify(batch, self.xfrm.sad.table, self.xfrm.generation)
+        chosen: dict[bytes, tuple] = {}   # flow key -> (SA, family, generation), this batch
+        for i in misses:
             packet = batch.packet(i)
             key = flow_key(packet)
             hit = chosen.get(key) if key is not None else None
@@ -123,11 +129,12 @@ class Dataplane:
             if flow is None:
                 self.counters.drop(self.counters.policy_drops, "not_ip")
                 continue
+            generation = self.xfrm.generation
             decision = self.xfrm.outbound(flow, now, packet=packet)
             if decision.action == "encrypt":
                 if key is not None:
-                    chosen[key] = (decision.sa, flow.family)
-                self._choose(batch, i, decision.sa, flow.family)
+                    chosen[key] = (decision.sa, flow.family, generation)
+                self._choose(batch, i, decision.sa, flow.family, generation)
             elif decision.action == "clear":
                 # Routed into the tunnel but no policy protects it: the TUN is the
                 # only way out, and writing it back would loop.  Counted, dropped.
@@ -140,8 +147,10 @@ class Dataplane:
         self._encrypt_and_send(batch)
         return batch.count
 
-    def _choose(self, batch: PacketBatch, i: int, sa: Any, family: int) -> None:
-        """Give slot ``i`` to ``sa`` unless it is too big for the path."""
+    def _choose(self, batch: PacketBatch, i: int, sa: Any, family: int,
+                generation: Optional[int] = None) -> None:
+        """Give slot ``i`` to ``sa`` unless it is too big for the path; remember the
+        decision for the flow (valid in ``generation``, packets up to the limit)."""
         limit = self._max_inner(sa, family)
         length = int(batch.length[i])
         if length > limit:
@@ -152,6 +161,8 @@ class Dataplane:
                     self._icmp.add(reply)
                 return
             # IPv4 without DF: encrypted anyway, the kernel fragments the outer packet
+        elif generation is not None:
+            self._flows.insert(batch, i, sa.index, limit, generation)
         batch.sa[i] = sa.index
         self._used[sa.index] = sa
 
@@ -226,7 +237,9 @@ class Dataplane:
         heads = [batch.packet(i)[:48] for i in range(batch.count)]
         self.xfrm.sad.table.decrypt(batch)
         to_tun, to_kernel = [], []
-        allowed: set = set()   # (SA index, mark, flow key) accepted in this batch
+        # (SA, mark, flow) accepted before in this generation: flagged in C.
+        generation = self.xfrm.generation
+        unchecked = set(self._accepted.check(batch, generation))
         for i in range(batch.count):
             verdict = VERDICTS[batch.verdict[i]]
             if verdict != "ok":
@@ -234,18 +247,16 @@ class Dataplane:
                 continue
             index = int(batch.sa[i])
             sa = self.xfrm.sad.table[index]
-            packet = batch.packet(i)
             if batch.flags[i] & FLAG_MAPPING:
                 self.xfrm.report_mapping(sa, *_outer_source(heads[i]), now)
             mark = int(batch.mark[i])
-            key = flow_key(packet)
-            if key is None or (index, mark, key) not in allowed:
-                flow = flow_of_packet(packet)
+            if i in unchecked:
+                flow = flow_of_packet(batch.packet(i))
                 if flow is None or not self.xfrm.inbound_check(sa, flow, now, mark=mark):
                     self.counters.drop(self.counters.policy_drops, "inbound_policy")
                     continue
-                if key is not None:
-                    allowed.add((index, mark, key))
+                if self.xfrm.generation == generation:
+                    self._accepted.insert(batch, i, generation)
             (to_kernel if mark and self.injector is not None else to_tun).append(i)
         if to_tun:
             self.counters.tun_out += self.tun.write_batch(batch, to_tun)

@@ -134,3 +134,29 @@ def test_a_nat_rebinding_is_reported_as_mapping():
     assert len(b_tun.written) == 1
     [event] = events
     assert event.to_json()["new"] == {"addr": "198.51.100.77", "port": 31000}
+
+
+def test_remembered_flows_follow_sad_and_spd_changes():
+    """The C flow cache is invalidated by every SAD/SPD change: a rekeyed SA is
+    used from the next packet on, a blocking policy takes effect at once."""
+    a, a_tun, a_wire = gateway("a")
+    for _ in range(3):
+        a_tun.inbox.append(packet("10.9.2.1", 1))   # one flow, many packets
+        a.handle_tun(now=1)
+    assert {p[28:32] for p in a_wire.written} == {(0x101).to_bytes(4, "big")}
+    new_key = "0x" + "33" * 20
+    a.xfrm.execute("ip xfrm state add src 192.0.2.1 dst 192.0.2.2 proto esp spi 0x103 "
+                   f"reqid 1 mode tunnel replay-window 64 aead 'rfc4106(gcm(aes))' {new_key} "
+                   "128 encap espinudp 4500 4500 0.0.0.0", now=2)
+    a.xfrm.execute("ip xfrm state delete src 192.0.2.1 dst 192.0.2.2 proto esp spi 0x101",
+                   now=2)
+    a_wire.written.clear()
+    a_tun.inbox.append(packet("10.9.2.1", 1))
+    a.handle_tun(now=3)
+    assert [p[28:32] for p in a_wire.written] == [(0x103).to_bytes(4, "big")]
+    a.xfrm.execute("ip xfrm policy update src 10.9.1.0/24 dst 10.9.2.0/24 dir out "
+                   "action block", now=4)
+    a_wire.written.clear()
+    a_tun.inbox.append(packet("10.9.2.1", 1))
+    a.handle_tun(now=5)
+    assert a_wire.written == [] and a.counters.policy_drops.get("block") == 1
