@@ -267,3 +267,51 @@ def test_metrics_endpoint_reports_engine_counters():
         assert packets and float(packets.group(1)) >= 3, text
         assert re.search(r"^espdp_up 1\.0$", text, re.M)
         assert "espdp_packets_total{path=\"tun_in\"}" in text
+
+
+def test_keys_appear_nowhere_a_running_daemon_writes():
+    """Keys in a config never show in the log, status, monitor events, list output,
+    metrics or the state files; only `--show-keys` reveals them."""
+    with Lab("keys") as lab:
+        k = keys()
+        a = lab.start("a", tunnel_config("a", 4, True, *k, extra='metrics = "127.0.0.1:9451"'),
+                      "-v")
+        lab.start("b", tunnel_config("b", 4, True, *k))
+        monitor = subprocess.Popen(
+            ["ip", "netns", "exec", a.ns, sys.executable, "-m", "espdp", "xfrm", "--control",
+             a.control, "--json", "monitor"], stdout=subprocess.PIPE, text=True, env=_env())
+        try:
+            time.sleep(0.5)
+            assert lab.ping("a", INNER["b"][0])
+            a.espdp("xfrm", "state", "update", "src", "192.0.2.1", "dst", "192.0.2.2", "proto",
+                    "esp", "spi", "0xa0b0", "reqid", "1", "mode", "tunnel", "aead",
+                    "rfc4106(gcm(aes))", k[0], "128", "encap", "espinudp", "4500", "4500",
+                    "0.0.0.0", "limit", "time-soft", "1000")
+            bad = a.espdp("xfrm", "state", "add", "src", "192.0.2.1", "dst", "192.0.2.2",
+                          "proto", "esp", "spi", "0xa0b0", "mode", "tunnel", "aead",
+                          "rfc4106(gcm(aes))", k[0], "128", check=False)
+            assert bad.returncode == 2 and "EEXIST" in bad.stderr
+            event = _readline(monitor, 10)
+        finally:
+            monitor.kill()
+            monitor.wait()
+        outputs = {
+            "event": event,
+            "list": a.espdp("xfrm", "state", "list").stdout,
+            "list --json": a.espdp("xfrm", "--json", "state", "list").stdout,
+            "status": a.espdp("status", "--json").stdout,
+            "error": bad.stdout + bad.stderr,
+            "metrics": sh(sys.executable, "-c", "import urllib.request; print(urllib.request."
+                          "urlopen('http://127.0.0.1:9451/metrics', timeout=5).read().decode())",
+                          ns=a.ns).stdout,
+        }
+        # The check can see a key: asked for explicitly, it is there.
+        shown = a.espdp("xfrm", "--show-keys", "state", "list").stdout
+        assert k[0][2:].lower() in shown.lower()
+        assert a.stop() == 0
+        outputs["log"] = a.output()
+        outputs.update({p.name: p.read_text() for p in (lab.dir / "a-state").iterdir()})
+        for key in k:
+            secret = key[2:].lower()
+            for name, text in outputs.items():
+                assert secret not in text.lower(), f"a key shows in {name}"
