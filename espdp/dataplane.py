@@ -33,8 +33,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import numpy as np
+
 from . import pmtu
-from ._flow import FlowCache, InboundCache
+from ._flow import FLAG_ACCEPTED, FlowCache, InboundCache
 from .engine import FLAG_MAPPING, VERDICTS, PacketBatch
 from .xfrm.policy import flow_key, flow_of_packet
 
@@ -233,31 +235,42 @@ class Dataplane:
         if not sock.read_batch(batch):
             return 0
         self.counters.received += batch.count
+        n, top = batch.count, batch.headroom
         # The outer source (for MAPPING) may be overwritten by decryption in place.
-        heads = [batch.packet(i)[:48] for i in range(batch.count)]
-        self.xfrm.sad.table.decrypt(batch)
-        to_tun, to_kernel = [], []
-        # (SA, mark, flow) accepted before in this generation: flagged in C.
+        if (batch.offset[:n] == top).all():
+            heads = batch.data[:n, top:top + 48].copy()
+        else:
+            heads = np.array([np.frombuffer(batch.packet(i)[:48].ljust(48, b"\0"), np.uint8)
+                              for i in range(n)])
+        table = self.xfrm.sad.table
+        table.decrypt(batch)
+        verdict, flags = batch.verdict[:n], batch.flags[:n]
+        for i in np.flatnonzero(verdict):
+            self.counters.drop(self.counters.engine_drops, VERDICTS[verdict[i]])
+        ok = verdict == 0
+        for i in np.flatnonzero(ok & (flags & FLAG_MAPPING != 0)):
+            self.xfrm.report_mapping(table[int(batch.sa[i])],
+                                     *_outer_source(bytes(heads[i])), now)
+        # (SA, mark, flow) accepted before in this generation: flagged in C; the
+        # others are checked against the inbound policies here.
         generation = self.xfrm.generation
-        unchecked = set(self._accepted.check(batch, generation))
-        for i in range(batch.count):
-            verdict = VERDICTS[batch.verdict[i]]
-            if verdict != "ok":
-                self.counters.drop(self.counters.engine_drops, verdict)
+        unchecked = self._accepted.check(batch, generation)
+        accepted = ok & (flags & FLAG_ACCEPTED != 0)
+        for i in unchecked:
+            flow = flow_of_packet(batch.packet(i))
+            if flow is None or not self.xfrm.inbound_check(
+                    table[int(batch.sa[i])], flow, now, mark=int(batch.mark[i])):
+                self.counters.drop(self.counters.policy_drops, "inbound_policy")
                 continue
-            index = int(batch.sa[i])
-            sa = self.xfrm.sad.table[index]
-            if batch.flags[i] & FLAG_MAPPING:
-                self.xfrm.report_mapping(sa, *_outer_source(heads[i]), now)
-            mark = int(batch.mark[i])
-            if i in unchecked:
-                flow = flow_of_packet(batch.packet(i))
-                if flow is None or not self.xfrm.inbound_check(sa, flow, now, mark=mark):
-                    self.counters.drop(self.counters.policy_drops, "inbound_policy")
-                    continue
-                if self.xfrm.generation == generation:
-                    self._accepted.insert(batch, i, generation)
-            (to_kernel if mark and self.injector is not None else to_tun).append(i)
+            accepted[i] = True
+            if self.xfrm.generation == generation:
+                self._accepted.insert(batch, i, generation)
+        if self.injector is not None:
+            marked = batch.mark[:n] != 0
+            to_tun = np.flatnonzero(accepted & ~marked).tolist()
+            to_kernel = np.flatnonzero(accepted & marked).tolist()
+        else:
+            to_tun, to_kernel = np.flatnonzero(accepted).tolist(), []
         if to_tun:
             self.counters.tun_out += self.tun.write_batch(batch, to_tun)
         if to_kernel:
