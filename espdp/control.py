@@ -48,6 +48,7 @@ class ControlSession:
         self._monitor: Optional[int] = None
         self._pending: list[bytes] = []
         self.closed = False
+        self.internal_errors = 0   # requests that failed on a bug, not on bad input
 
     def receive(self, data: bytes, now: float) -> bytes:
         """Feed bytes from the client; the bytes to send back."""
@@ -87,10 +88,16 @@ class ControlSession:
             answer.update(ok=False, errno=e.errno, error=str(e.args[0]))
         except ConfigError as e:
             answer.update(ok=False, error=str(e))
+        except Exception:  # a bug: the daemon must go on; the log and the counter tell
+            self.internal_errors += 1
+            logger.exception("control: request failed")
+            answer.update(ok=False, error="internal error (see the daemon's log)")
         return _line(answer)
 
     def _dispatch(self, request: dict, now: float) -> Any:
         op = request.get("op")
+        if not isinstance(op, str):
+            raise ConfigError("'op' must be a string")
         if op == "xfrm":
             line = request.get("line")
             if not isinstance(line, str):
@@ -98,6 +105,9 @@ class ControlSession:
             return self.xfrm.execute(line, now, show_keys=request.get("show_keys") is True)
         if op == "monitor":
             groups = request.get("groups") or None
+            if groups is not None and not (isinstance(groups, list)
+                                           and all(isinstance(g, str) for g in groups)):
+                raise ConfigError("'groups' must be a list of event group names")
             if self._monitor is not None:
                 self.xfrm.unsubscribe(self._monitor)
             self._monitor = self.xfrm.subscribe(

@@ -139,6 +139,7 @@ def control_json(data: bytes) -> None:
     for chunk in data.split(b"\x00"):   # several reads
         session.receive(chunk + b"\n", 1.0)
         session.take_events()
+    assert session.internal_errors == 0   # bad input gets an error answer, never a bug
 
 
 def pcap(data: bytes) -> None:
