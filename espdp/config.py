@@ -188,6 +188,8 @@ def _tunnel(table: Any, where: str) -> TunnelConfig:
         if not isinstance(nets, list):
             nets = [nets]
         try:
+            if not all(isinstance(n, str) for n in nets):
+                raise TypeError(key)
             t[key] = tuple(ipaddress.ip_interface(n) for n in nets)
         except (ValueError, TypeError):
             raise ConfigError(f"{where}: '{key}': expected addresses with a prefix, "

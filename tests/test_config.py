@@ -92,6 +92,9 @@ def test_xfrm_key_adds_the_lines_of_a_script(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("[tunnel]\ntun = 'x'\nbogus = 1\n", "[tunnel]: 'tunnel': unknown key 'bogus'"),
     ("[tunnel]\n", "needs 'tun'"),
+    ("[tunnel]\ntun = 'x'\naddress = [5]\n", "'address'"),
+    ("[tunnel]\ntun = 'x'\nnat_keepalive = true\n", "'nat_keepalive'"),
+    ("[tunnel]\ntun = 'a-name-that-is-far-too-long'\n", "'tun'"),
     ("[tunnel]\ntun = 'x'\nudp_port = 70000\n", "'udp_port'"),
     ("[tunnel]\ntun = 'x'\naddress = ['nonsense']\n", "'address'"),
     ("[[sa]]\nsrc = '1.2.3.4'\ndst = '5.6.7.8'\nspi = 1\ncolour = 'red'\n",
