@@ -172,16 +172,6 @@ TUN_CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.fixture
-def netns():
-    name = f"espdp-io-{os.getpid()}-{id(object()) % 100000}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
-
-
 @pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/net/tun"),
                     reason="needs root and /dev/net/tun")
 @pytest.mark.parametrize("io_path", ["c", "python"])

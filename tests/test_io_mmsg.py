@@ -255,16 +255,6 @@ RCVMARK_CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.fixture
-def netns():
-    name = f"espdp-mmsg-{os.getpid()}-{id(object()) % 100000}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a network namespace")
 def test_rcvmark_from_nftables(netns):
     env = dict(os.environ, PYTHONPATH=ROOT)
