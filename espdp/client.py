@@ -81,6 +81,13 @@ def _words(obj: dict, keys: tuple) -> str:
     return " ".join(f"{k} {obj[k]}" for k in keys if obj.get(k) not in (None, "", [], {}))
 
 
+def _mark(mark) -> str:
+    """A mark as ip prints it, ``0x77/0xffffffff``, from the daemon's {value, mask}."""
+    if isinstance(mark, dict):
+        return f"{mark.get('value', 0):#x}/{mark.get('mask', 0xFFFFFFFF):#x}"
+    return str(mark)
+
+
 def format_state(sa: dict) -> str:
     """An SA of ``ip xfrm state list`` in ip's layout (keys only if the daemon sent them)."""
     lines = [_words(sa, ("src", "dst")),
@@ -96,9 +103,9 @@ def format_state(sa: dict) -> str:
         e = sa["encap"]
         lines.append(f"\tencap type {e['type']} sport {e['sport']} dport {e['dport']} "
                      f"addr {e.get('oa') or '0.0.0.0'}")
-    for kind in ("mark", "set-mark", "output-mark"):
+    for kind, word in (("mark", "mark"), ("set-mark", "output-mark")):
         if sa.get(kind):
-            lines.append(f"\t{kind} {sa[kind]}")
+            lines.append(f"\t{word} {_mark(sa[kind])}")
     if sa.get("sel"):
         lines.append("\tsel " + _words(sa["sel"], ("src", "dst", "proto", "sport", "dport")))
     if sa.get("current"):
@@ -116,7 +123,7 @@ def format_policy(policy: dict) -> str:
     lines = [_words(policy, ("src", "dst", "proto", "sport", "dport")),
              "\t" + _words(policy, ("dir", "action", "priority", "index", "ptype"))]
     if policy.get("mark"):
-        lines.append(f"\tmark {policy['mark']}")
+        lines.append(f"\tmark {_mark(policy['mark'])}")
     for t in policy.get("tmpl") or []:
         lines.append("\ttmpl " + _words(t, ("src", "dst")))
         lines.append("\t\t" + _words(t, ("proto", "spi", "reqid", "mode", "level")))

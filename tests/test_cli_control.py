@@ -140,3 +140,12 @@ def test_status_format_lists_each_sa():
         in text
     assert "10 packets, 2.0 KiB, 1 drops (replay 1), age 11s" in text
     assert "dropped before an SA was found: no_sa 2" in text
+
+
+def test_marks_print_as_ip_prints_them(served, capsys):
+    path, _ = served
+    assert main(["xfrm", "--control", path, *SA, "mark", "0x10", "mask", "0xff", "output-mark",
+                 "0x77"]) == 0
+    assert main(["xfrm", "--control", path, "state", "list"]) == 0
+    text = capsys.readouterr().out
+    assert "\tmark 0x10/0xff\n" in text and "\toutput-mark 0x77/0xffffffff\n" in text
