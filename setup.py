@@ -12,7 +12,7 @@ import sys
 
 from setuptools import Extension, setup
 
-MODULES = ["_replay", "_crypto", "_esp", "_engine", "_flow", "_mmsg"]
+MODULES = ["_replay", "_crypto", "_esp", "_engine", "_flow", "_mmsg", "_vnet"]
 
 
 def openssl_flags():

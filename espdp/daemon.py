@@ -117,7 +117,7 @@ class Daemon:
         if t.fd is not None:
             self.tun = Tun.from_fd(t.fd, t.tun)
         else:
-            self.tun = Tun.create(t.tun, mtu)
+            self.tun = Tun.create(t.tun, mtu, offload=t.offload)
         self._cleanup.append(self.tun.close)
         injector = None
         if t.inject_marks:

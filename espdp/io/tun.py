@@ -3,6 +3,13 @@ already open fd (Android's VpnService hands one over).
 
 Reads and writes are whole IP packets; :meth:`Tun.read_batch` puts each one
 at its slot's headroom so the engine can prepend the outer headers in place.
+
+With ``offload`` (``IFF_VNET_HDR`` and ``TUNSETOFFLOAD``) the kernel hands
+over TCP segments of up to 64 KiB, which :mod:`espdp._vnet` cuts into
+MTU-sized packets, and decrypted segments of one TCP flow are written back
+coalesced: one read and one write per 64 KiB instead of one a packet.  An
+fd handed over with ``IFF_VNET_HDR`` already set (seen through TUNGETIFF) is
+read and written with the header, whatever was asked.
 """
 
 from __future__ import annotations
@@ -21,6 +28,10 @@ try:
     from .. import _mmsg
 except ImportError:  # built without the extension: the Python loops below
     _mmsg = None
+try:
+    from .. import _vnet
+except ImportError:
+    _vnet = None
 
 TUN_PATH = "/dev/net/tun"
 TUNSETIFF = 0x400454CA
@@ -28,6 +39,9 @@ TUNGETIFF = 0x800454D2
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 IFF_MULTI_QUEUE = 0x0100
+IFF_VNET_HDR = 0x4000
+TUNSETOFFLOAD = 0x400454D0
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6 = 0x01, 0x02, 0x04
 IFF_UP = 0x1
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
@@ -73,16 +87,34 @@ class Tun:
 
     io_path: str = "c" if _mmsg is not None and hasattr(_mmsg, "tun_read_batch") else "python"
 
-    def __init__(self, fd: int, name: Optional[str], owns_fd: bool = True) -> None:
+    def __init__(self, fd: int, name: Optional[str], owns_fd: bool = True,
+                 vnet: bool = False) -> None:
         self.fd = fd
         self.name = name
         self._owns = owns_fd
         self.stats = {"received": 0, "sent": 0, "dropped": 0, "send_errors": 0,
                       "truncated": 0}
+        self._vnet = None
+        if vnet:
+            if _vnet is None:
+                raise ConfigError(f"tun {name}: the fd has IFF_VNET_HDR set, which needs "
+                                  "the extension (espdp._vnet): build it")
+            self._vnet = _vnet.VnetTun(fd)
+            self.stats.update(gso_in=0, gso_out=0, bad_offload=0)
+
+    @property
+    def offload(self) -> bool:
+        """Whether packets cross this fd with a virtio-net header (TSO in, GRO out)."""
+        return self._vnet is not None
 
     @classmethod
-    def create(cls, name: str, mtu: int = 1400, multi_queue: bool = False) -> Tun:
-        """Open (or attach one more queue to) TUN device ``name``, set its MTU, bring it up."""
+    def create(cls, name: str, mtu: int = 1400, multi_queue: bool = False,
+               offload: bool = False) -> Tun:
+        """Open (or attach one more queue to) TUN device ``name``, set its MTU, bring it
+        up; with ``offload``, with a virtio-net header and TCP segmentation offload
+        (ConfigError when the kernel or the extension cannot)."""
+        if offload and _vnet is None:
+            raise ConfigError(f"tun {name}: offload needs the extension (espdp._vnet)")
         if not name or len(name.encode()) >= IFNAMSIZ or "/" in name or " " in name:
             raise ConfigError(f"tun {name!r}: not a valid interface name (1..15 bytes)")
         try:
@@ -94,7 +126,8 @@ class Tun:
             raise ConfigError(f"tun {name}: permission denied opening {TUN_PATH} "
                               "(needs CAP_NET_ADMIN)") from exc
         try:
-            flags = IFF_TUN | IFF_NO_PI | (IFF_MULTI_QUEUE if multi_queue else 0)
+            flags = (IFF_TUN | IFF_NO_PI | (IFF_MULTI_QUEUE if multi_queue else 0)
+                     | (IFF_VNET_HDR if offload else 0))
             try:
                 res = fcntl.ioctl(fd, TUNSETIFF, _ifreq(name, "H", flags))
             except OSError as exc:
@@ -106,6 +139,13 @@ class Tun:
                                       "(multi-queue or tap?)") from exc
                 raise ConfigError(f"tun {name}: TUNSETIFF failed: {exc.strerror}") from exc
             real = res[:IFNAMSIZ].split(b"\0", 1)[0].decode()
+            if offload:
+                try:
+                    fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+                except OSError as exc:
+                    raise ConfigError(f"tun {real}: the kernel refused TCP offload "
+                                      f"(TUNSETOFFLOAD): {exc.strerror}; set offload = "
+                                      "false") from exc
             try:
                 set_mtu(real, mtu)
                 set_up(real)
@@ -115,21 +155,23 @@ class Tun:
         except BaseException:
             os.close(fd)
             raise
-        return cls(fd, real)
+        return cls(fd, real, vnet=offload)
 
     @classmethod
     def from_fd(cls, fd: int, name: Optional[str] = None, owns_fd: bool = True) -> Tun:
         """Adopt an open TUN fd without reconfiguring the device (only the fd is made
         non-blocking).  The name is asked from the kernel (TUNGETIFF) when not given;
         ``close()`` closes the fd unless ``owns_fd`` is false."""
-        if name is None:
-            try:
-                res = fcntl.ioctl(fd, TUNGETIFF, bytes(_IFREQ))
+        flags = 0
+        try:
+            res = fcntl.ioctl(fd, TUNGETIFF, bytes(_IFREQ))
+            flags = struct.unpack_from("H", res, IFNAMSIZ)[0]
+            if name is None:
                 name = res[:IFNAMSIZ].split(b"\0", 1)[0].decode() or None
-            except OSError:
-                name = None  # not asking is fine: e.g. a sandbox forbids the ioctl
+        except OSError:
+            pass  # not asking is fine: e.g. a sandbox forbids the ioctl
         os.set_blocking(fd, False)
-        return cls(fd, name, owns_fd)
+        return cls(fd, name, owns_fd, vnet=bool(flags & IFF_VNET_HDR))
 
     @property
     def mtu(self) -> Optional[int]:
@@ -167,6 +209,8 @@ class Tun:
         device's MTU must be below ``slot_size - headroom``.  A read that fills the
         whole room is counted ``truncated`` and dropped.  An error other than EAGAIN
         or EINTR is raised only when nothing was read; packets read are never lost."""
+        if self._vnet is not None:
+            return self._vnet.read_batch(batch, self.stats)
         if self.io_path == "c":
             return _mmsg.tun_read_batch(self.fd, batch, self.stats)
         added = truncated = 0
@@ -208,6 +252,8 @@ class Tun:
         packet and the rest ``dropped``; a packet the kernel refuses (EINVAL, EIO,
         EFAULT, ENOMEM), or a slot whose offset + length overrun it, counts in
         ``send_errors`` and the rest are written."""
+        if self._vnet is not None:
+            return self._vnet.write_batch(batch, indexes, self.stats)
         if self.io_path == "c":
             return _mmsg.tun_write_batch(self.fd, batch, indexes, self.stats)
         order = list(range(batch.count) if indexes is None else indexes)
