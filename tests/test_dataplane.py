@@ -160,3 +160,15 @@ def test_remembered_flows_follow_sad_and_spd_changes():
     a_tun.inbox.append(packet("10.9.2.1", 1))
     a.handle_tun(now=5)
     assert a_wire.written == [] and a.counters.policy_drops.get("block") == 1
+
+
+def test_packets_without_a_socket_of_their_kind_are_each_counted():
+    x = Xfrm()
+    for line in SAS + LINES["a"]:
+        x.execute(line, now=0)
+    tun, esp_wire = Device(), Device()
+    dp = Dataplane(x, tun, {}, esp_sockets={4: esp_wire})   # raw ESP only: no UDP socket
+    tun.inbox.extend(packet("10.9.2.1", i) for i in range(5))
+    dp.handle_tun(now=1)
+    assert dp.counters.policy_drops == {"no_ipv4_udp_socket": 5}
+    assert esp_wire.written == [] and dp.counters.sent == 0
