@@ -156,8 +156,17 @@ class Tunnel:
         """Serve what is readable (waiting up to ``timeout`` seconds) and run the
         timers when due; the number of packets handled."""
         done = 0
-        for key, _ in self._selector_for().select(timeout):
+        dp = self.dataplane
+        # A large TUN packet or a coalesced UDP message cut only partly into the
+        # last batch waits in the device, where select() cannot see it.
+        pending = {dev.fileno(): dev for dev in [dp.tun, *dp.devices()]
+                   if getattr(dev, "pending", False)}
+        for key, _ in self._selector_for().select(0 if pending else timeout):
+            pending.pop(key.fd, None)
             done += key.data(self.clock()) or 0
+        for dev in pending.values():
+            done += (dp.handle_tun(self.clock()) if dev is dp.tun
+                     else dp.handle_datagrams(dev, self.clock())) or 0
         now = self.clock()
         if now >= self._next_tick:
             self.dataplane.tick(now)

@@ -326,3 +326,36 @@ def test_equal_sized_runs_arrive_as_separate_datagrams(fam, gso):
         to_c = [e for e, w in zip(expect, plan, strict=True) if w == 1]
         assert [d for d, _, _ in _recv_marked(b, len(to_b))] == to_b
         assert [d for d, _, _ in _recv_marked(c, len(to_c))] == to_c
+
+
+UDP_SEGMENT = 103
+
+
+@pytest.mark.parametrize("fam", [4, 6])
+def test_gro_cuts_coalesced_messages_across_batches(fam):
+    """A sender's UDP_SEGMENT message arrives whole at a UDP_GRO socket: the
+    GroReader cuts it into datagrams, carrying what does not fit over to the
+    next batch, and they match what a socket without GRO receives."""
+    host = LOOP[fam]
+    payloads = [(0x3000 + i).to_bytes(4, "big") + bytes([i]) * 996 for i in range(40)]
+    payloads[-1] = payloads[-1][:500]                        # a shorter last segment
+    got = {}
+    for gro in (True, False):
+        rx = UdpEncapSocket(fam, 0, host, gro=gro)
+        with rx, socket.socket(AF[fam], socket.SOCK_DGRAM) as tx:
+            assert rx.gro is gro
+            tx.setsockopt(socket.SOL_UDP, UDP_SEGMENT, 1000)
+            tx.sendto(b"".join(payloads), (host, rx.port))
+            tx.setsockopt(socket.SOL_UDP, UDP_SEGMENT, 0)
+            tx.sendto(b"\xff", (host, rx.port))                # a keepalive after it
+            packets, sizes = _read_all(rx, 41, batch_capacity=16)
+            got[gro] = [p for p, _ in packets]
+            assert rx.stats["keepalive"] == 1 and rx.stats["esp"] == 40
+            if gro:
+                assert rx.stats["gro"] == 1 and sizes[0] == 16 and not rx.pending
+    hdr = HEADER_LEN[AF[fam]]
+    assert [p[hdr:] for p in got[True]] == payloads
+
+    def but_ports(p):    # each run had sockets of its own
+        return p[:hdr - 8] + p[hdr - 4:]
+    assert list(map(but_ports, got[True])) == list(map(but_ports, got[False]))

@@ -103,6 +103,12 @@ class Tun:
             self.stats.update(gso_in=0, gso_out=0, bad_offload=0)
 
     @property
+    def pending(self) -> bool:
+        """Whether part of a large TCP packet waits for the next batch (select()
+        does not see it)."""
+        return self._vnet is not None and self._vnet.pending
+
+    @property
     def offload(self) -> bool:
         """Whether packets cross this fd with a virtio-net header (TSO in, GRO out)."""
         return self._vnet is not None

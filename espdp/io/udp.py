@@ -77,6 +77,10 @@ class UdpEncapSocket(SocketDevice):
 
     ``gso``: equal-sized datagrams to one peer leave as one UDP_SEGMENT message
     (Linux 4.18; turned off by itself where the kernel refuses it).
+    ``gro``: UDP_GRO is on (Linux 5.0), so a burst from one peer (or a
+    sender's UDP_SEGMENT message, whole) arrives as one message that the
+    extension's ``GroReader`` cuts into slots; False where it was not asked
+    for or the kernel refused it.
     ``io_path`` is ``"mmsg"`` (batched syscalls) or ``"python"`` (the fallback
     where they are missing); ``rcvmark`` says whether ``SO_RCVMARK`` is on.
     """
@@ -86,7 +90,8 @@ class UdpEncapSocket(SocketDevice):
     def __init__(self, family: int = socket.AF_INET, port: int = 4500,
                  bind_addr: Optional[str] = None, reuse_port: bool = False,
                  rcvbuf: int = 4 << 20, sndbuf: int = 4 << 20,
-                 on_ike: Optional[IkeCallback] = None, gso: bool = True) -> None:
+                 on_ike: Optional[IkeCallback] = None, gso: bool = True,
+                 gro: bool = True) -> None:
         self.family = address_family(family)
         self.on_ike = on_ike
         self.stats = new_stats()
@@ -115,10 +120,23 @@ class UdpEncapSocket(SocketDevice):
             sock.close()
             raise
         self.sock = sock
+        self._gro = None
+        if gro and MMSG and hasattr(_mmsg, "GroReader") and _mmsg.enable_gro(sock.fileno()):
+            self._gro = _mmsg.GroReader(sock.fileno())
         self.port = sock.getsockname()[1]
         self.bind_addr = bind_addr
         self._local = None if host == wildcard else pack_addr(self.family, host)
         self._hdr = HEADER_LEN[self.family]
+
+    @property
+    def gro(self) -> bool:
+        return self._gro is not None
+
+    @property
+    def pending(self) -> bool:
+        """Whether datagrams already received wait for the next batch (poll would
+        not wake for them)."""
+        return self._gro is not None and self._gro.pending
 
     def __repr__(self) -> str:
         fam = 4 if self.family == socket.AF_INET else 6
@@ -146,9 +164,14 @@ class UdpEncapSocket(SocketDevice):
             raise ConfigError(f"batch headroom {batch.headroom} < {self._hdr} bytes of outer "
                               "IP + UDP header")
         if self.io_path == "mmsg":
+            want_ike = self.on_ike is not None
             try:
-                added, ike = _mmsg.recv_batch(self.sock.fileno(), batch, self.family, self.port,
-                                              self._local, self.stats, self.on_ike is not None)
+                if self._gro is not None:
+                    added, ike = self._gro.read(batch, self.family, self.port, self._local,
+                                                self.stats, want_ike)
+                else:
+                    added, ike = _mmsg.recv_batch(self.sock.fileno(), batch, self.family,
+                                                  self.port, self._local, self.stats, want_ike)
             except OSError as exc:
                 if exc.errno != errno.ENOSYS:
                     raise

@@ -40,6 +40,7 @@ from libc.errno cimport (EACCES, ECONNREFUSED, EHOSTUNREACH, EINTR, EINVAL, EMSG
                          ENETUNREACH, EPERM, errno)
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from posix.unistd cimport read, write
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memmove, memset, strerror
 
 from espdp._engine cimport PacketBatch
@@ -79,12 +80,15 @@ cdef extern from *:
     #ifndef UDP_SEGMENT
     #define UDP_SEGMENT 103
     #endif
+    #ifndef UDP_GRO
+    #define UDP_GRO 104
+    #endif
     #include <string.h>
     """
     bint ESPDP_HAVE_MMSG
     int EAGAIN, EWOULDBLOCK, ENOSYS
     int AF_INET, AF_INET6, SOL_SOCKET, SO_MARK, IPPROTO_IP, IPPROTO_IPV6
-    int IP_PKTINFO, IPV6_PKTINFO, MSG_DONTWAIT, MSG_TRUNC, SOL_UDP, UDP_SEGMENT, EIO
+    int IP_PKTINFO, IPV6_PKTINFO, MSG_DONTWAIT, MSG_TRUNC, SOL_UDP, UDP_SEGMENT, UDP_GRO, EIO
     ctypedef unsigned int socklen_t
 
     struct iovec:
@@ -156,6 +160,63 @@ cdef enum:
     # UDP GSO (UDP_SEGMENT): equal-sized datagrams to one peer leave as one message
     GSO_SEGS = 64      # at most this many datagrams per message (UDP_MAX_SEGMENTS)
     GSO_BYTES = 65000  # and this many bytes of payload in all
+    # UDP GRO (UDP_GRO): a message may hold many datagrams of one size
+    GRO_MSGS = 8       # messages per recvmmsg
+    GRO_BUF = 65536    # bytes per message
+
+
+cdef struct rx_counts:
+    uint64_t received, esp, keepalive, non_esp, unhandled, trunc, gro
+
+
+cdef void _add_counts(dict stats, rx_counts *c):
+    stats["received"] += c.received
+    stats["esp"] += c.esp
+    stats["keepalive"] += c.keepalive
+    stats["non_esp"] += c.non_esp
+    stats["ike_unhandled"] += c.unhandled
+    stats["truncated"] += c.trunc
+    if c.gro:
+        stats["gro"] = stats.get("gro", 0) + c.gro
+
+
+cdef int _datagram(PacketBatch batch, const uint8_t *p, uint32_t length, msghdr *m,
+                   const sockaddr_storage *name, int family, const uint8_t *bound,
+                   bint have_local, int local_port, int hdr, rx_counts *c, list ike,
+                   bint want_ike) except -1:
+    """One received datagram at ``p`` (which may already lie in slot
+    ``batch.count``): a keepalive or an IKE message is taken out and counted;
+    ESP is moved to slot ``batch.count`` after its synthetic outer header.
+    Returns 1 when a slot was added."""
+    cdef uint8_t laddr[16]
+    cdef uint8_t *q
+    cdef uint32_t mark
+    cdef int kind = _kind(p, length)
+    c.received += 1
+    if kind == KIND_KEEPALIVE:
+        c.keepalive += 1
+        return 0
+    if kind == KIND_NON_ESP:
+        c.non_esp += 1
+        if want_ike:
+            ike.append((PyBytes_FromStringAndSize(<char *> p + 4, length - 4),
+                        _peer(name, family)))
+        else:
+            c.unhandled += 1
+        return 0
+    q = batch.buf + <size_t> batch.count * batch.slot_size + batch.headroom
+    if q + hdr != p:
+        memmove(q + hdr, p, length)
+    memcpy(laddr, bound, 16)
+    mark = _control(m, family, NULL if have_local else laddr)
+    _write_outer(q, family, name, laddr, <uint16_t> local_port, length)
+    batch.off_p[batch.count] = batch.headroom
+    batch.len_p[batch.count] = hdr + length
+    batch.mark_p[batch.count] = mark
+    batch.sa_p[batch.count] = -1
+    batch.count += 1
+    c.esp += 1
+    return 1
 
 
 cdef inline int _kind(const uint8_t *p, uint32_t n) noexcept nogil:
@@ -261,27 +322,15 @@ def recv_batch(int fd, PacketBatch batch not None, int family, int local_port, l
     cdef sockaddr_storage names[VLEN]
     cdef uint64_t ctrl[VLEN][CTRL_WORDS]
     cdef uint8_t bound[16]
-    cdef uint8_t laddr[16]
     cdef int hdr = _header_len(family)
-    cdef int alen = 4 if family == AF_INET else 16
     cdef int start = batch.headroom
     cdef size_t size = batch.slot_size
-    cdef int room, n, k, out, err, kind
-    cdef uint32_t length, mark
-    cdef uint8_t *p
-    cdef uint8_t *q
-    cdef uint64_t received = 0, esp = 0, keepalive = 0, non_esp = 0, unhandled = 0, trunc = 0
+    cdef int room, n, k, err
+    cdef rx_counts c
     cdef bint have_local = local is not None
-    cdef const uint8_t[::1] lv
-    if batch.slot_size <= start + hdr:
-        raise ValueError(f"slot of {batch.slot_size} bytes has no room after headroom "
-                         f"{start} and {hdr} bytes of outer header")
-    memset(bound, 0, 16)
-    if have_local:
-        lv = local
-        if lv.shape[0] != alen:
-            raise ValueError(f"local address of {lv.shape[0]} bytes for family {family}")
-        memcpy(bound, &lv[0], alen)
+    _check_room(batch, hdr)
+    _bound(local, family, bound)
+    memset(&c, 0, sizeof(c))
     ike = []
     try:
         while batch.count < batch.capacity:
@@ -306,49 +355,167 @@ def recv_batch(int fd, PacketBatch batch not None, int family, int local_port, l
                 if err == EAGAIN or err == EWOULDBLOCK:
                     break
                 raise OSError(err, strerror(err).decode())
-            out = batch.count
             for k in range(n):
-                received += 1
                 if msgs[k].msg_hdr.msg_flags & MSG_TRUNC:
-                    trunc += 1
+                    c.received += 1
+                    c.trunc += 1
                     continue
-                length = msgs[k].msg_len
-                p = <uint8_t *> iov[k].iov_base
-                kind = _kind(p, length)
-                if kind == KIND_KEEPALIVE:
-                    keepalive += 1
-                    continue
-                if kind == KIND_NON_ESP:
-                    non_esp += 1
-                    if want_ike:
-                        ike.append((PyBytes_FromStringAndSize(<char *> p + 4, length - 4),
-                                    _peer(&names[k], family)))
-                    else:
-                        unhandled += 1
-                    continue
-                q = batch.buf + <size_t> out * size + start
-                if out != batch.count + k:
-                    memmove(q + hdr, p, length)
-                memcpy(laddr, bound, 16)
-                mark = _control(&msgs[k].msg_hdr, family, NULL if have_local else laddr)
-                _write_outer(q, family, &names[k], laddr, <uint16_t> local_port, length)
-                batch.off_p[out] = start
-                batch.len_p[out] = hdr + length
-                batch.mark_p[out] = mark
-                batch.sa_p[out] = -1
-                out += 1
-                esp += 1
-            batch.count = out
+                _datagram(batch, <uint8_t *> iov[k].iov_base, msgs[k].msg_len,
+                          &msgs[k].msg_hdr, &names[k], family, bound, have_local, local_port,
+                          hdr, &c, ike, want_ike)
             if n < room:   # the kernel found the queue empty (or an error pending)
                 break
     finally:
-        stats["received"] += received
-        stats["esp"] += esp
-        stats["keepalive"] += keepalive
-        stats["non_esp"] += non_esp
-        stats["ike_unhandled"] += unhandled
-        stats["truncated"] += trunc
-    return esp, ike
+        _add_counts(stats, &c)
+    return c.esp, ike
+
+
+cdef int _check_room(PacketBatch batch, int hdr) except -1:
+    if batch.slot_size <= batch.headroom + hdr:
+        raise ValueError(f"slot of {batch.slot_size} bytes has no room after headroom "
+                         f"{batch.headroom} and {hdr} bytes of outer header")
+    return 0
+
+
+cdef int _bound(local, int family, uint8_t *bound) except -1:
+    """The packed bound address into ``bound`` (zeros when None)."""
+    cdef const uint8_t[::1] lv
+    cdef int alen = 4 if family == AF_INET else 16
+    memset(bound, 0, 16)
+    if local is not None:
+        lv = local
+        if lv.shape[0] != alen:
+            raise ValueError(f"local address of {lv.shape[0]} bytes for family {family}")
+        memcpy(bound, &lv[0], alen)
+    return 0
+
+
+cdef uint32_t _gro_size(msghdr *m) noexcept nogil:
+    """The segment size of a coalesced message (the UDP_GRO control message); 0
+    when it holds one datagram."""
+    cdef cmsghdr *c = CMSG_FIRSTHDR(m)
+    cdef int size = 0
+    while c != NULL:
+        if c.cmsg_level == SOL_UDP and c.cmsg_type == UDP_GRO:
+            if c.cmsg_len >= <size_t> (CMSG_DATA(c) - <uint8_t *> c) + sizeof(int):
+                memcpy(&size, CMSG_DATA(c), sizeof(int))
+        c = CMSG_NXTHDR(m, c)
+    return <uint32_t> size if size > 0 else 0
+
+
+cdef class GroReader:
+    """Receiving from a socket with ``UDP_GRO`` on: each message may hold many
+    datagrams of one size (the kernel's GRO, or a sender's UDP_SEGMENT arriving
+    whole), so messages land in private 64 KiB buffers and are cut into the
+    batch's slots; a message the batch cannot take whole is finished in the
+    next call.  Otherwise as :func:`recv_batch` (``stats`` adds ``gro``: the
+    messages that held more than one datagram)."""
+    cdef uint8_t *bufs
+    cdef mmsghdr msgs[GRO_MSGS]
+    cdef iovec iov[GRO_MSGS]
+    cdef sockaddr_storage names[GRO_MSGS]
+    cdef uint64_t ctrl[GRO_MSGS][CTRL_WORDS]
+    cdef int nmsg, cur
+    cdef uint32_t cur_off
+    cdef readonly int fd
+
+    def __cinit__(self, int fd):
+        self.fd = fd
+        self.bufs = <uint8_t *> malloc(<size_t> GRO_MSGS * GRO_BUF)
+        if self.bufs == NULL:
+            raise MemoryError()
+        self.nmsg = self.cur = 0
+        self.cur_off = 0
+
+    def __dealloc__(self):
+        free(self.bufs)
+
+    @property
+    def pending(self):
+        """Whether received datagrams wait for the next batch."""
+        return self.cur < self.nmsg
+
+    def read(self, PacketBatch batch not None, int family, int local_port, local,
+             dict stats not None, bint want_ike=True):
+        """Like :func:`recv_batch`: ``(added, ike)``."""
+        cdef uint8_t bound[16]
+        cdef int hdr = _header_len(family)
+        cdef int n, k, err
+        cdef uint32_t length, seg, off, piece
+        cdef rx_counts c
+        cdef bint have_local = local is not None
+        cdef bint more = True
+        cdef msghdr *m
+        _check_room(batch, hdr)
+        _bound(local, family, bound)
+        memset(&c, 0, sizeof(c))
+        ike = []
+        try:
+            while True:
+                while self.cur < self.nmsg and batch.count < batch.capacity:
+                    m = &self.msgs[self.cur].msg_hdr
+                    length = self.msgs[self.cur].msg_len
+                    if m.msg_flags & MSG_TRUNC:
+                        c.received += 1
+                        c.trunc += 1
+                        self.cur += 1
+                        continue
+                    seg = _gro_size(m)
+                    if seg == 0 or seg > length:
+                        seg = length
+                    if self.cur_off == 0 and seg < length:
+                        c.gro += 1
+                    off = self.cur_off
+                    while off < length and batch.count < batch.capacity:
+                        piece = seg if length - off > seg else length - off
+                        if piece > batch.slot_size - batch.headroom - hdr:
+                            c.received += 1
+                            c.trunc += 1
+                        else:
+                            _datagram(batch, self.bufs + <size_t> self.cur * GRO_BUF + off,
+                                      piece, m, &self.names[self.cur], family, bound,
+                                      have_local, local_port, hdr, &c, ike, want_ike)
+                        off += piece
+                    if off < length:
+                        self.cur_off = off      # the batch is full: the rest next time
+                        break
+                    self.cur += 1
+                    self.cur_off = 0
+                if batch.count >= batch.capacity or not more:
+                    break
+                for k in range(GRO_MSGS):
+                    self.iov[k].iov_base = self.bufs + <size_t> k * GRO_BUF
+                    self.iov[k].iov_len = GRO_BUF
+                    self.msgs[k].msg_hdr.msg_name = &self.names[k]
+                    self.msgs[k].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
+                    self.msgs[k].msg_hdr.msg_iov = &self.iov[k]
+                    self.msgs[k].msg_hdr.msg_iovlen = 1
+                    self.msgs[k].msg_hdr.msg_control = &self.ctrl[k][0]
+                    self.msgs[k].msg_hdr.msg_controllen = sizeof(self.ctrl[k])
+                    self.msgs[k].msg_hdr.msg_flags = 0
+                    self.msgs[k].msg_len = 0
+                with nogil:
+                    n = recvmmsg(self.fd, self.msgs, GRO_MSGS, MSG_DONTWAIT, NULL)
+                    err = errno
+                self.nmsg = self.cur = 0
+                self.cur_off = 0
+                if n < 0:
+                    if err == EINTR or err == ECONNREFUSED:
+                        continue
+                    if err == EAGAIN or err == EWOULDBLOCK:
+                        break
+                    raise OSError(err, strerror(err).decode())
+                self.nmsg = n
+                more = n == GRO_MSGS   # fewer: the queue was empty
+        finally:
+            _add_counts(stats, &c)
+        return c.esp, ike
+
+
+def enable_gro(int fd) -> bool:
+    """Turn UDP_GRO on for ``fd``; False where the kernel refuses it."""
+    cdef int one = 1
+    return setsockopt(fd, SOL_UDP, UDP_GRO, &one, sizeof(one)) == 0
 
 
 cdef bint _parse_outer(const uint8_t *slot, uint32_t off, uint32_t length, size_t size,
