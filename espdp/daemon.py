@@ -55,13 +55,21 @@ def default_control_path(name: str) -> str:
 
 
 def _peers(xfrm: Xfrm) -> set:
-    """The outer addresses of the tunnel endpoints the SAs and policies name."""
+    """The outer addresses of the tunnel endpoints the SAs and policies name.
+
+    Transport-mode SAs are left out: their addresses are those of the traffic
+    itself, which the routes send into the TUN; pinning them past the tunnel
+    would take that traffic out of it.  Their ESP leaves by the SA's
+    output-mark and an ``ip rule fwmark`` of the operator's (see the README)."""
     peers = set()
     for st in xfrm.sad.dump():
-        peers.update((st.info.src, st.info.dst))
+        if st.info.mode != "transport":
+            peers.update((st.info.src, st.info.dst))
     for policy in xfrm.spd.dump():
         for t in policy.templates:
-            peers.update(a for a in (t.src, t.dst) if a is not None and not a.is_unspecified)
+            if t.mode != "transport":
+                peers.update(a for a in (t.src, t.dst)
+                             if a is not None and not a.is_unspecified)
     return peers
 
 

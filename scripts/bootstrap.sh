@@ -7,6 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEBS=(libssl-dev pkg-config iproute2 tshark nftables iputils-ping conntrack)
+# The kernel interop peer (tests/interop/test_kernel.py): qemu, and what
+# scripts/build-vm.sh builds its image with (the kernel and busybox themselves
+# are fetched with apt-get download, never installed).
+DEBS+=(qemu-system-x86 gcc libc6-dev linux-libc-dev cpio kmod)
 missing=()
 for pkg in "${DEBS[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
@@ -14,7 +18,9 @@ done
 if ((${#missing[@]})); then
     if [[ $(id -u) -eq 0 ]]; then
         echo "bootstrap: installing ${missing[*]}" >&2
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+        # no recommends: qemu's would bring a GUI, UEFI firmware and more
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+            --no-install-recommends "${missing[@]}" >/dev/null
     else
         echo "bootstrap: please install ${missing[*]} (apt-get install ${missing[*]})" >&2
         exit 1
