@@ -6,7 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBS=(libssl-dev pkg-config iproute2 tshark nftables iputils-ping conntrack)
+# strongSwan (charon with kernel-libipsec, swanctl, the openssl/gcm plugins): the
+# interop peer of tests/interop/test_strongswan.py; tshark brings dumpcap for its captures.
+DEBS=(libssl-dev pkg-config iproute2 tshark nftables iputils-ping conntrack
+      strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-standard-plugins)
 missing=()
 for pkg in "${DEBS[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
