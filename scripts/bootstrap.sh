@@ -7,8 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # strongSwan (charon with kernel-libipsec, swanctl, the openssl/gcm plugins): the
-# interop peer of tests/interop/test_strongswan.py; tshark brings dumpcap for its captures.
-DEBS=(libssl-dev pkg-config iproute2 tshark nftables iputils-ping conntrack
+# interop peer of tests/interop/test_strongswan.py; tshark brings dumpcap for its captures,
+# ethtool turns UDP GSO off on its veth so that they show segmented datagrams.
+DEBS=(libssl-dev pkg-config iproute2 tshark nftables iputils-ping conntrack ethtool
       strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-standard-plugins)
 missing=()
 for pkg in "${DEBS[@]}"; do

@@ -122,7 +122,8 @@ def charon_path() -> Optional[str]:
 
 def missing_binaries() -> list[str]:
     """What the strongSwan cases need and this machine lacks (scripts/bootstrap.sh
-    installs strongswan-charon, strongswan-swanctl, libcharon-extra-plugins, tshark)."""
+    installs strongswan-charon, strongswan-swanctl, libcharon-extra-plugins, tshark,
+    ethtool)."""
     missing = []
     if charon_path() is None:
         missing.append("charon (strongswan-charon)")
@@ -134,6 +135,8 @@ def missing_binaries() -> list[str]:
         missing.append("the kernel-libipsec plugin (libcharon-extra-plugins)")
     if shutil.which("dumpcap") is None:
         missing.append("dumpcap (wireshark-common, with tshark)")
+    if shutil.which("ethtool") is None:
+        missing.append("ethtool")
     return missing
 
 
