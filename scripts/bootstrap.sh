@@ -7,10 +7,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEBS=(libssl-dev pkg-config iproute2 tshark nftables iputils-ping conntrack)
-# The kernel interop peer (tests/interop/test_kernel.py): qemu, and what
+# The interop peers (tests/interop/).  The kernel's: qemu, and what
 # scripts/build-vm.sh builds its image with (the kernel and busybox themselves
-# are fetched with apt-get download, never installed).
+# are fetched with apt-get download, never installed).  strongSwan's: charon
+# with kernel-libipsec, swanctl, the openssl/gcm plugins; tshark brings dumpcap
+# for the captures, ethtool turns UDP GSO off on a veth so that they show
+# segmented datagrams.
 DEBS+=(qemu-system-x86 gcc libc6-dev linux-libc-dev cpio kmod)
+DEBS+=(ethtool strongswan-charon strongswan-swanctl libcharon-extra-plugins
+       libstrongswan-standard-plugins)
 missing=()
 for pkg in "${DEBS[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
