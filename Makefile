@@ -25,6 +25,7 @@ bench:
 	.venv/bin/python bench/engine.py --all
 	.venv/bin/python bench/lookup.py
 	.venv/bin/python bench/e2e.py
+	.venv/bin/python bench/scale.py
 
 clean:
 	rm -rf build .venv espdp/*.so src_cython/espdp/*.c src_cython/espdp/*.html
