@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from espdp.engine import SA, PacketBatch  # noqa: E402
+from espdp.engine import SA, PacketBatch, SATable  # noqa: E402
 from espdp.sa import AlgoKey, SAInfo  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -72,29 +72,39 @@ def packets_of(size) -> list[bytes]:
     return [inner_packet(sizes[i % len(sizes)]) for i in range(64)]
 
 
-def engine_pps(sa: SA, size, seconds: float) -> float:
+def engine_pps(sa: SA, size, seconds: float, table: SATable = None, worker: int = 0) -> float:
+    """Packets/s encrypting batches of 64 with ``sa`` (through ``table`` as
+    ``worker`` when given: the dataplane's path)."""
     template, work = PacketBatch(64), PacketBatch(64)
     for packet in packets_of(size):
-        template.add(packet)
+        template.add(packet, sa=sa.index if table is not None else -1)
+    encrypt = sa.encrypt if table is None else (lambda b: table.encrypt(b, worker))
     packets, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         for _ in range(50):
             work.copy_from(template)
-            packets += sa.encrypt(work)
+            packets += encrypt(work)
     return packets / (time.perf_counter() - start)
 
 
-def threads_pps(transform: str, size, seconds: float, workers: int = 2) -> float:
-    """Total packets/s of ``workers`` threads, each with its own SA and batches."""
+def threads_pps(transform: str, size, seconds: float, workers: int = 2,
+                shared: bool = False) -> float:
+    """Total packets/s of ``workers`` threads, each with its own batches and its
+    own SA, or (``shared``) all on one SA of one ``SATable(workers=N)``: one
+    sequence number handed out atomically, a crypto context per worker."""
     import threading
 
     counts = [0.0] * workers
     barrier = threading.Barrier(workers)
+    table = SATable(workers=workers) if shared else None
+    one = make_sa(transform, spi=0x3000) if shared else None
+    if shared:
+        table.add(one)
 
     def work(k: int) -> None:
-        sa = make_sa(transform, spi=0x2000 + k)
+        sa = one if shared else make_sa(transform, spi=0x2000 + k)
         barrier.wait()
-        counts[k] = engine_pps(sa, size, seconds)
+        counts[k] = engine_pps(sa, size, seconds, table, k if shared else 0)
 
     threads = [threading.Thread(target=work, args=(k,)) for k in range(workers)]
     for t in threads:
@@ -177,11 +187,14 @@ def run(seconds: float, rounds: int, transforms: list[str]) -> dict:
                         runs.setdefault("ceiling", []).append(ceiling_pps(exe, size, seconds))
                     runs.setdefault("engine_2_workers", []).append(
                         threads_pps(transform, size, seconds))
+                    runs.setdefault("engine_2_workers_shared_sa", []).append(
+                        threads_pps(transform, size, seconds, shared=True))
                     runs.setdefault("cryptography", []).append(cryptography_pps(size, seconds))
                     runs.setdefault("scapy", []).append(scapy_pps(size, min(seconds, 0.5)))
                 point = {"transform": transform, "size": size,
                          "engine_pps": statistics.median(runs["engine"]), "runs": runs}
-                for name in ("ceiling", "engine_2_workers", "cryptography", "scapy"):
+                for name in ("ceiling", "engine_2_workers", "engine_2_workers_shared_sa",
+                             "cryptography", "scapy"):
                     if name in runs:
                         point[f"{name}_pps"] = statistics.median(runs[name])
                 if size == "imix" and main:
@@ -191,6 +204,8 @@ def run(seconds: float, rounds: int, transforms: list[str]) -> dict:
                     point["ratio"] = point["engine_pps"] / point["ceiling_pps"]
                 if main:
                     point["two_workers_ratio"] = point["engine_2_workers_pps"] / point["engine_pps"]
+                    point["two_workers_shared_sa_ratio"] = (
+                        point["engine_2_workers_shared_sa_pps"] / point["engine_pps"])
                     point["vs_cryptography"] = point["engine_pps"] / point["cryptography_pps"]
                     point["vs_scapy"] = point["engine_pps"] / point["scapy_pps"]
                 results["points"].append(point)
@@ -219,6 +234,8 @@ def chart(results: dict, path: Path) -> None:
     main = by_transform.get("aes128gcm16", [])
     for key, style, label in (("ceiling_pps", "k--", "C + OpenSSL ceiling (aes128gcm16)"),
                               ("engine_2_workers_pps", "g-.", "espdp aes128gcm16, 2 workers"),
+                              ("engine_2_workers_shared_sa_pps", "c-.",
+                               "espdp aes128gcm16, 2 workers on one SA"),
                               ("cryptography_pps", "m:", "cryptography, a call per packet"),
                               ("scapy_pps", "r:", "scapy ESP")):
         pts = [p for p in main if key in p]
@@ -250,7 +267,8 @@ def main() -> None:
         extra = (f"  ceiling {p['ceiling_pps'] / 1e6:6.2f} Mpps  ratio {p['ratio']:.2f}"
                  if "ratio" in p else "")
         if "vs_scapy" in p:
-            extra += (f"  2 workers x{p['two_workers_ratio']:.2f}  "
+            extra += (f"  2 workers x{p['two_workers_ratio']:.2f} "
+                      f"(one SA x{p['two_workers_shared_sa_ratio']:.2f})  "
                       f"x{p['vs_cryptography']:.1f} cryptography  x{p['vs_scapy']:.0f} scapy")
         espdp = p["engine_pps"] / 1e6
         print(f"{p['transform']:>18} {p['size']:>5} B  espdp {espdp:6.2f} Mpps{extra}")

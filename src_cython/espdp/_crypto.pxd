@@ -42,6 +42,7 @@ cdef struct transform:
 
 cdef int transform_init(transform *t, int cipher, bytes key, int icv_len,
                         int auth, bytes auth_key) except -1
+cdef int transform_clone(transform *dst, const transform *src) except -1
 cdef void transform_free(transform *t) noexcept nogil
 
 # esp points at the ESP header; the IV follows it, then `length` bytes of

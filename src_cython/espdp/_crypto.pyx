@@ -152,6 +152,45 @@ cdef int transform_init(transform *t, int cipher, bytes key, int icv_len,
     return 0
 
 
+cdef EVP_CIPHER_CTX *_copy_cipher(const EVP_CIPHER_CTX *src) except? NULL:
+    cdef EVP_CIPHER_CTX *ctx
+    if src == NULL:
+        return NULL
+    ctx = EVP_CIPHER_CTX_new()
+    if ctx == NULL or EVP_CIPHER_CTX_copy(ctx, src) != 1:
+        EVP_CIPHER_CTX_free(ctx)
+        raise MemoryError("EVP_CIPHER_CTX_copy failed")
+    return ctx
+
+
+cdef EVP_MAC_CTX *_copy_mac(const EVP_MAC_CTX *src) except? NULL:
+    cdef EVP_MAC_CTX *ctx
+    if src == NULL:
+        return NULL
+    ctx = EVP_MAC_CTX_dup(src)
+    if ctx == NULL:
+        raise MemoryError("EVP_MAC_CTX_dup failed")
+    return ctx
+
+
+cdef int transform_clone(transform *dst, const transform *src) except -1:
+    """A transform with the same keys and contexts of its own, for another thread:
+    an EVP context is never used by two threads at once."""
+    memcpy(dst, src, sizeof(transform))
+    dst.seal_ctx = dst.open_ctx = dst.iv_ctx = NULL
+    dst.seal_mac = dst.open_mac = NULL
+    try:
+        dst.seal_ctx = _copy_cipher(src.seal_ctx)
+        dst.open_ctx = _copy_cipher(src.open_ctx)
+        dst.iv_ctx = _copy_cipher(src.iv_ctx)
+        dst.seal_mac = _copy_mac(src.seal_mac)
+        dst.open_mac = _copy_mac(src.open_mac)
+    except BaseException:
+        transform_free(dst)
+        raise
+    return 0
+
+
 cdef void transform_free(transform *t) noexcept nogil:
     EVP_CIPHER_CTX_free(t.seal_ctx)
     EVP_CIPHER_CTX_free(t.open_ctx)

@@ -1,5 +1,6 @@
 # The engine's Python-facing objects: SA, SATable, PacketBatch.
 from libc.stdint cimport int32_t, uint8_t, uint32_t, uint64_t
+from espdp._atomic cimport pthread_rwlock_t
 from espdp._esp cimport N_VERDICTS, sa_core
 
 cdef class SA:
@@ -8,6 +9,7 @@ cdef class SA:
     cdef readonly int index          # position in its SATable, -1 when in none
     cdef object _one                 # a one-slot PacketBatch for encrypt_packet
     cdef _set_mutable(self, info)
+    cdef int _set_workers(self, int n) except -1
 
 cdef class PacketBatch:
     cdef readonly int capacity
@@ -33,6 +35,9 @@ cdef class SATable:
     cdef uint32_t used               # slots not EMPTY (entries and tombstones)
     cdef uint64_t drops[N_VERDICTS]  # drops before an SA was found
     cdef object _one
+    cdef readonly int workers        # threads that may call encrypt/decrypt at once
+    cdef pthread_rwlock_t lock       # read: a batch in flight; write: add, remove
+    cdef int32_t _add(self, SA sa) except -1
     cdef void _insert(self, int32_t index)
     cdef int _rehash(self, uint32_t nslots) except -1
     cdef int32_t find(self, uint32_t spi, int family, const uint8_t *dst,

@@ -17,7 +17,13 @@ from libc.stdint cimport int32_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, realloc
 from libc.string cimport memcmp, memcpy, memset
 
-from espdp._crypto cimport AUTH_NONE, transform_free, transform_init
+from espdp._atomic cimport (PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP, espdp_add64,
+                            espdp_load64, espdp_lock, espdp_store64, espdp_unlock,
+                            pthread_rwlock_destroy, pthread_rwlock_init, pthread_rwlock_rdlock,
+                            pthread_rwlock_unlock, pthread_rwlock_wrlock, pthread_rwlockattr_destroy,
+                            pthread_rwlockattr_init, pthread_rwlockattr_setkind_np,
+                            pthread_rwlockattr_t)
+from espdp._crypto cimport AUTH_NONE, transform, transform_clone, transform_free, transform_init
 from espdp._esp cimport *
 from espdp._inet cimport rd32
 from espdp._replay cimport replay_export, replay_free, replay_import, replay_init
@@ -118,8 +124,28 @@ cdef class SA:
         c.soft_bytes, c.hard_bytes = lft.soft_bytes, lft.hard_bytes
         c.soft_packets, c.hard_packets = lft.soft_packets, lft.hard_packets
 
+    cdef int _set_workers(self, int n) except -1:
+        """Crypto contexts for workers 1..n-1 (worker 0 has ``core.xf``); never
+        fewer than before, since a worker may be using them."""
+        cdef transform *w
+        cdef int k, have = self.core.nwxf
+        if n - 1 <= have:
+            return 0
+        w = <transform *> realloc(self.core.wxf, (n - 1) * sizeof(transform))
+        if w == NULL:
+            raise MemoryError()
+        self.core.wxf = w
+        for k in range(have, n - 1):
+            transform_clone(&w[k], &self.core.xf)
+            self.core.nwxf = k + 1
+        return 0
+
     def __dealloc__(self):
+        cdef int k
         transform_free(&self.core.xf)
+        for k in range(self.core.nwxf):
+            transform_free(&self.core.wxf[k])
+        free(self.core.wxf)
         replay_free(&self.core.replay)
 
     def __repr__(self):
@@ -133,11 +159,11 @@ cdef class SA:
     @property
     def oseq(self):
         """The last outbound sequence number used (64 bits with ESN)."""
-        return self.core.oseq
+        return espdp_load64(&self.core.oseq)
 
     @oseq.setter
     def oseq(self, uint64_t value):
-        self.core.oseq = value
+        espdp_store64(&self.core.oseq, value)
 
     @property
     def replay_top(self):
@@ -168,16 +194,26 @@ cdef class SA:
     def replay_state(self):
         """XFRM GETAE: ``{"seq", "seq_hi", "oseq", "oseq_hi", "bitmap", "window"}``
         (``seq`` is the inbound top; ``bitmap`` bit i means top - i was seen)."""
-        cdef uint64_t top = self.core.replay.top, oseq = self.core.oseq
+        cdef uint64_t top, oseq = espdp_load64(&self.core.oseq)
+        espdp_lock(&self.core.replay_lock)    # workers may be moving the window
+        try:
+            top = self.core.replay.top
+            bitmap = replay_export(&self.core.replay)
+        finally:
+            espdp_unlock(&self.core.replay_lock)
         return {"seq": top & 0xFFFFFFFF, "seq_hi": top >> 32,
                 "oseq": oseq & 0xFFFFFFFF, "oseq_hi": oseq >> 32,
-                "bitmap": replay_export(&self.core.replay), "window": self.core.replay.window}
+                "bitmap": bitmap, "window": self.core.replay.window}
 
     def set_replay_state(self, uint64_t seq, uint64_t oseq, bitmap=0):
         """XFRM NEWAE: replace the inbound top and window bits and the outbound
         sequence number (64-bit values: with ESN the high halves included)."""
-        replay_import(&self.core.replay, seq, bitmap)
-        self.core.oseq = oseq
+        espdp_lock(&self.core.replay_lock)
+        try:
+            replay_import(&self.core.replay, seq, bitmap)
+        finally:
+            espdp_unlock(&self.core.replay_lock)
+        espdp_store64(&self.core.oseq, oseq)
 
     def set_counters(self, uint64_t packets, uint64_t nbytes):
         """XFRM NEWAE's current lifetime: replace the packet and byte counts."""
@@ -211,7 +247,7 @@ cdef class SA:
             for i in range(batch.count):
                 batch.flags_p[i] = 0
                 batch.verdict_p[i] = esp_output(
-                    c, batch.buf + <size_t> i * batch.slot_size, batch.slot_size,
+                    c, 0, batch.buf + <size_t> i * batch.slot_size, batch.slot_size,
                     &batch.off_p[i], &batch.len_p[i], &batch.mark_p[i], &batch.flags_p[i])
                 batch.sa_p[i] = self.index
                 ok += batch.verdict_p[i] == V_OK
@@ -312,7 +348,16 @@ cdef class SATable:
     """The SAs the engine knows, with inbound lookup by (dst, SPI, mark) as
     XFRM does it: ``(packet mark & SA mask) == SA value``."""
 
-    def __cinit__(self):
+    def __cinit__(self, int workers=1):
+        cdef pthread_rwlockattr_t attr
+        if not 1 <= workers <= 256:
+            raise ConfigError(f"workers: {workers} (1..256)")
+        self.workers = workers
+        pthread_rwlockattr_init(&attr)
+        # a writer (add, remove) must not starve behind workers' batches
+        pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP)
+        pthread_rwlock_init(&self.lock, &attr)
+        pthread_rwlockattr_destroy(&attr)
         self._sas, self._free = [], []
         self.nslots = 16
         self.slots = <int32_t *> calloc(self.nslots, sizeof(int32_t))
@@ -324,6 +369,7 @@ cdef class SATable:
     def __dealloc__(self):
         free(self.slots)
         free(self.cores)
+        pthread_rwlock_destroy(&self.lock)
 
     def __len__(self):
         return len(self._sas) - len(self._free)
@@ -364,6 +410,29 @@ cdef class SATable:
         """Add an SA; returns its index (what ``PacketBatch.sa`` refers to)."""
         if sa.index >= 0:
             raise ConfigError(f"{sa!r} is already in a table")
+        sa._set_workers(self.workers)
+        with nogil:
+            pthread_rwlock_wrlock(&self.lock)
+        try:
+            return self._add(sa)
+        finally:
+            pthread_rwlock_unlock(&self.lock)
+
+    def set_workers(self, int workers):
+        """Let ``workers`` threads call encrypt/decrypt at once (each its own
+        ``worker`` index): every SA gets crypto contexts for each.  Only grows."""
+        if not 1 <= workers <= 256:
+            raise ConfigError(f"workers: {workers} (1..256)")
+        with nogil:
+            pthread_rwlock_wrlock(&self.lock)   # no batch in flight while contexts move
+        try:
+            for sa in self:
+                (<SA> sa)._set_workers(workers)
+            self.workers = max(self.workers, workers)
+        finally:
+            pthread_rwlock_unlock(&self.lock)
+
+    cdef int32_t _add(self, SA sa) except -1:
         if self._free:
             index = self._free.pop()
             self._sas[index] = sa
@@ -392,8 +461,11 @@ cdef class SATable:
         cdef uint32_t h = _hash(sa.core.spi, self.nslots)
         while self.slots[h] != index:
             h = (h + 1) & (self.nslots - 1)
+        with nogil:
+            pthread_rwlock_wrlock(&self.lock)
         self.slots[h] = GONE
         self.cores[index] = NULL
+        pthread_rwlock_unlock(&self.lock)
         self._sas[index] = None
         self._free.append(index)
         sa.index = -1
@@ -423,37 +495,50 @@ cdef class SATable:
         cdef int32_t index = self.find(spi, address.version, packed, mark)
         return None if index < 0 else self._sas[index]
 
-    def encrypt(self, PacketBatch batch):
+    def encrypt(self, PacketBatch batch, int worker=0):
         """Encrypt each packet with the SA its ``batch.sa`` entry names.  A slot
         whose entry is -1 (the caller chose no SA) is skipped: verdict no_sa, not
-        counted; an entry naming an SA that is gone is counted as no_sa."""
+        counted; an entry naming an SA that is gone is counted as no_sa.
+
+        Up to ``workers`` threads may call this (and :meth:`decrypt`) at once,
+        each with its own ``worker`` index and batches: an SA's sequence
+        numbers, counters and replay window are shared and updated atomically;
+        each worker has crypto contexts of its own."""
         cdef int i, ok = 0
         cdef int32_t index
+        if not 0 <= worker < self.workers:
+            raise ValueError(f"worker {worker} of a table for {self.workers}")
         with nogil:
+            pthread_rwlock_rdlock(&self.lock)
             for i in range(batch.count):
                 batch.flags_p[i] = 0
                 index = batch.sa_p[i]
                 if index < 0 or index >= self.ncores or self.cores[index] == NULL:
                     batch.verdict_p[i] = V_NO_SA
                     if index != -1:
-                        self.drops[<int> V_NO_SA] += 1
+                        espdp_add64(&self.drops[<int> V_NO_SA], 1)
                     continue
                 batch.verdict_p[i] = esp_output(
-                    self.cores[index], batch.buf + <size_t> i * batch.slot_size,
+                    self.cores[index], worker, batch.buf + <size_t> i * batch.slot_size,
                     batch.slot_size, &batch.off_p[i], &batch.len_p[i], &batch.mark_p[i],
                     &batch.flags_p[i])
                 ok += batch.verdict_p[i] == V_OK
+            pthread_rwlock_unlock(&self.lock)
         return ok
 
-    def decrypt(self, PacketBatch batch):
-        """Parse, look up, check and decrypt each packet (a whole IP packet)."""
+    def decrypt(self, PacketBatch batch, int worker=0):
+        """Parse, look up, check and decrypt each packet (a whole IP packet);
+        ``worker`` as for :meth:`encrypt`."""
         cdef int i, ok = 0
         cdef outer_info o
         cdef uint8_t *slot
         cdef uint8_t *packet
         cdef Verdict v
         cdef int32_t index
+        if not 0 <= worker < self.workers:
+            raise ValueError(f"worker {worker} of a table for {self.workers}")
         with nogil:
+            pthread_rwlock_rdlock(&self.lock)
             for i in range(batch.count):
                 batch.flags_p[i] = 0
                 batch.sa_p[i] = -1
@@ -467,13 +552,15 @@ cdef class SATable:
                         v = V_NO_SA
                     else:
                         batch.sa_p[i] = index
-                        v = esp_input(self.cores[index], &o, slot, &batch.off_p[i],
-                                      &batch.len_p[i], &batch.mark_p[i], &batch.flags_p[i])
+                        v = esp_input(self.cores[index], worker, &o, slot,
+                                      &batch.off_p[i], &batch.len_p[i], &batch.mark_p[i],
+                                      &batch.flags_p[i])
                         batch.verdict_p[i] = v
                         ok += v == V_OK
                         continue
-                self.drops[<int> v] += 1
+                espdp_add64(&self.drops[<int> v], 1)
                 batch.verdict_p[i] = v
+            pthread_rwlock_unlock(&self.lock)
         return ok
 
     def decrypt_packet(self, bytes packet, uint32_t mark=0):

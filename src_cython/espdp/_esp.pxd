@@ -78,9 +78,12 @@ cdef struct sa_core:
     uint64_t hard_bytes
     uint64_t soft_packets
     uint64_t hard_packets
-    bint soft_fired
+    int soft_fired           # set once (atomically): the soft limit was reported
     bint dead                # removed from the SAD: sends nothing any more
-    transform xf
+    transform xf             # worker 0's contexts (and the parameters of all)
+    transform *wxf           # workers 1..nwxf: contexts of their own, same keys
+    int nwxf
+    int replay_lock          # a spinlock around the replay window's check and update
     replay_state replay
     sa_stats stats
 
@@ -99,7 +102,13 @@ cdef struct outer_info:
     uint16_t dport
 
 cdef Verdict parse_outer(const uint8_t *p, uint32_t n, outer_info *o) noexcept nogil
-cdef Verdict esp_output(sa_core *sa, uint8_t *slot, uint32_t slot_size, uint32_t *off,
-                        uint32_t *length, uint32_t *mark, uint8_t *flags) noexcept nogil
-cdef Verdict esp_input(sa_core *sa, const outer_info *o, uint8_t *slot, uint32_t *off,
-                       uint32_t *length, uint32_t *mark, uint8_t *flags) noexcept nogil
+# ``worker`` picks the crypto contexts (0: sa.xf, k: sa.wxf[k - 1]); the
+# sequence number, the counters and the replay window are shared by all
+# workers and updated atomically.
+cdef Verdict esp_output(sa_core *sa, int worker, uint8_t *slot, uint32_t slot_size,
+                        uint32_t *off, uint32_t *length, uint32_t *mark,
+                        uint8_t *flags) noexcept nogil
+cdef Verdict esp_input(sa_core *sa, int worker, const outer_info *o, uint8_t *slot,
+                       uint32_t *off, uint32_t *length, uint32_t *mark,
+                       uint8_t *flags) noexcept nogil
+cdef void sa_count_drop(sa_core *sa, Verdict v) noexcept nogil

@@ -21,6 +21,8 @@ from libc.string cimport memcmp, memcpy, memmove, memset
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 from espdp._crypto cimport esp_open, esp_seal, CIPHER_AES_CBC
+from espdp._atomic cimport (espdp_add64, espdp_cas64, espdp_first, espdp_load64,
+                            espdp_lock, espdp_unlock)
 from espdp._inet cimport csum_fold, csum_partial, rd16, rd32, wr16, wr32
 from espdp._replay cimport (REPLAY_DUPLICATE, REPLAY_OK, REPLAY_SEQ_ZERO, ReplayResult,
                             replay_advance, replay_check)
@@ -245,47 +247,67 @@ cdef void _outer_header(sa_core *sa, uint8_t *ip, uint32_t total, uint8_t proto,
 
 
 cdef inline bint _next_seq(sa_core *sa, uint64_t *seq) noexcept nogil:
-    """Reserve the next outbound sequence number; False when it would wrap."""
+    """Reserve the next outbound sequence number, atomically (workers share the
+    SA: each number goes to exactly one packet); False when it would wrap."""
     cdef uint64_t limit = 0xFFFFFFFFFFFFFFFF if sa.esn else 0xFFFFFFFF
-    if sa.oseq >= limit:
-        if not sa.extra_flags & XFRM_XFLAG_OSEQ_MAY_WRAP:
-            return False
-        sa.oseq = 0
-        seq[0] = 0
-        return True
-    sa.oseq += 1
-    seq[0] = sa.oseq
-    return True
+    cdef uint64_t cur = espdp_load64(&sa.oseq), nxt
+    while True:
+        if cur >= limit:
+            if not sa.extra_flags & XFRM_XFLAG_OSEQ_MAY_WRAP:
+                return False
+            nxt = 0
+        else:
+            nxt = cur + 1
+        if espdp_cas64(&sa.oseq, &cur, nxt):   # on failure cur is reloaded
+            seq[0] = nxt
+            return True
+
+
+cdef inline transform *_xf(sa_core *sa, int worker) noexcept nogil:
+    if worker == 0:
+        return &sa.xf
+    if 0 < worker <= sa.nwxf:
+        return &sa.wxf[worker - 1]
+    return NULL
+
+
+cdef void sa_count_drop(sa_core *sa, Verdict v) noexcept nogil:
+    espdp_add64(&sa.stats.drops[<int> v], 1)
 
 
 cdef inline bint _limits_ok(sa_core *sa, uint8_t *flags) noexcept nogil:
     """XFRM's xfrm_state_check_expire: the limits are compared with the counts
     *before* this packet, so a hard limit of N lets N packets through and a
     soft limit of N is reported with packet N + 1 (a limit of 0: at once)."""
-    if sa.stats.packets >= sa.hard_packets or sa.stats.bytes >= sa.hard_bytes:
+    cdef uint64_t packets = espdp_load64(&sa.stats.packets)
+    cdef uint64_t nbytes = espdp_load64(&sa.stats.bytes)
+    if packets >= sa.hard_packets or nbytes >= sa.hard_bytes:
         return False
-    if not sa.soft_fired and (sa.stats.packets >= sa.soft_packets or
-                              sa.stats.bytes >= sa.soft_bytes):
-        sa.soft_fired = True
+    if (not sa.soft_fired and (packets >= sa.soft_packets or nbytes >= sa.soft_bytes)
+            and espdp_first(&sa.soft_fired)):
         flags[0] |= F_SOFT_EXPIRED
     return True
 
 
 cdef inline void _count(sa_core *sa, uint32_t nbytes) noexcept nogil:
-    sa.stats.packets += 1
-    sa.stats.bytes += nbytes
+    espdp_add64(&sa.stats.packets, 1)
+    espdp_add64(&sa.stats.bytes, nbytes)
 
 
-cdef Verdict esp_output(sa_core *sa, uint8_t *slot, uint32_t slot_size, uint32_t *off,
-                        uint32_t *length, uint32_t *mark, uint8_t *flags) noexcept nogil:
-    cdef Verdict v = _output(sa, slot, slot_size, off, length, mark, flags)
+cdef Verdict esp_output(sa_core *sa, int worker, uint8_t *slot, uint32_t slot_size,
+                        uint32_t *off, uint32_t *length, uint32_t *mark,
+                        uint8_t *flags) noexcept nogil:
+    cdef transform *xf = _xf(sa, worker)
+    cdef Verdict v = (_output(sa, xf, slot, slot_size, off, length, mark, flags)
+                      if xf != NULL else V_CRYPTO_ERROR)
     if v != V_OK:
-        sa.stats.drops[<int> v] += 1
+        sa_count_drop(sa, v)
     return v
 
 
-cdef Verdict _output(sa_core *sa, uint8_t *slot, uint32_t slot_size, uint32_t *off,
-                     uint32_t *length, uint32_t *mark, uint8_t *flags) noexcept nogil:
+cdef Verdict _output(sa_core *sa, transform *xf, uint8_t *slot, uint32_t slot_size,
+                     uint32_t *off, uint32_t *length, uint32_t *mark,
+                     uint8_t *flags) noexcept nogil:
     cdef uint8_t *p = slot + off[0]
     cdef uint32_t n = _ip_length(p, length[0])
     cdef uint32_t hdr_len = 0, nh_field = 0, payload_len, tfc = 0, pad, text_len
@@ -348,7 +370,7 @@ cdef Verdict _output(sa_core *sa, uint8_t *slot, uint32_t slot_size, uint32_t *o
     payload[text_len - 1] = nh
     wr32(esp, sa.spi)
     wr32(esp + 4, <uint32_t> seq)
-    if esp_seal(&sa.xf, esp, text_len, seq, sa.esn) != 0:
+    if esp_seal(xf, esp, text_len, seq, sa.esn) != 0:
         return V_CRYPTO_ERROR
     if sa.tunnel:
         _outer_header(sa, start, total, PROTO_UDP if sa.encap else PROTO_ESP, outer_tos, df)
@@ -413,12 +435,27 @@ cdef Verdict _check_trailer(const uint8_t *text, uint32_t text_len,
 
 
 cdef inline Verdict _drop(sa_core *sa, Verdict v) noexcept nogil:
-    sa.stats.drops[<int> v] += 1
+    sa_count_drop(sa, v)
     return v
 
 
-cdef Verdict esp_input(sa_core *sa, const outer_info *o, uint8_t *slot, uint32_t *off,
-                       uint32_t *length, uint32_t *mark, uint8_t *flags) noexcept nogil:
+cdef inline Verdict _replay(sa_core *sa, uint32_t seq_lo, uint64_t *seq,
+                            bint advance) noexcept nogil:
+    """The replay check (and with ``advance``, the window's update) under the
+    SA's lock: workers decrypting packets of one SA at once see one window."""
+    cdef Verdict v
+    espdp_lock(&sa.replay_lock)
+    v = _replay_verdict(replay_check(&sa.replay, seq_lo, seq))
+    if v == V_OK and advance:
+        replay_advance(&sa.replay, seq[0])
+    espdp_unlock(&sa.replay_lock)
+    return v
+
+
+cdef Verdict esp_input(sa_core *sa, int worker, const outer_info *o, uint8_t *slot,
+                       uint32_t *off, uint32_t *length, uint32_t *mark,
+                       uint8_t *flags) noexcept nogil:
+    cdef transform *xf = _xf(sa, worker)
     cdef uint8_t *p = slot + off[0]
     cdef uint8_t *esp = p + o.esp
     cdef uint8_t *text = esp + 8 + sa.xf.iv_len
@@ -432,19 +469,20 @@ cdef Verdict esp_input(sa_core *sa, const outer_info *o, uint8_t *slot, uint32_t
         return _drop(sa, V_WRONG_DIR)
     if sa.encap != o.udp:
         return _drop(sa, V_ENCAP_MISMATCH)
+    if xf == NULL:
+        return _drop(sa, V_CRYPTO_ERROR)
     if text_len < 2 or (sa.xf.cipher == CIPHER_AES_CBC and text_len % 16 != 0):
         return _drop(sa, V_MALFORMED)
     if not _limits_ok(sa, flags):
         return _drop(sa, V_LIMIT)
-    v = _replay_verdict(replay_check(&sa.replay, rd32(esp + 4), &seq))
+    v = _replay(sa, rd32(esp + 4), &seq, False)
     if v != V_OK:
         return _drop(sa, v)
-    if esp_open(&sa.xf, esp, <size_t> text_len, seq, sa.esn) != 0:
+    if esp_open(xf, esp, <size_t> text_len, seq, sa.esn) != 0:
         return _drop(sa, V_INTEGRITY)
-    v = _replay_verdict(replay_check(&sa.replay, rd32(esp + 4), &seq))
+    v = _replay(sa, rd32(esp + 4), &seq, True)   # another worker may have taken it since
     if v != V_OK:
         return _drop(sa, v)
-    replay_advance(&sa.replay, seq)
     v = _check_trailer(text, <uint32_t> text_len, &payload_len)
     if v != V_OK:
         return _drop(sa, v)

@@ -31,6 +31,7 @@ cdef extern from "openssl/evp.h" nogil:
 
     EVP_CIPHER_CTX *EVP_CIPHER_CTX_new()
     void EVP_CIPHER_CTX_free(EVP_CIPHER_CTX *ctx)
+    int EVP_CIPHER_CTX_copy(EVP_CIPHER_CTX *out, const EVP_CIPHER_CTX *inp)
     int EVP_CIPHER_CTX_ctrl(EVP_CIPHER_CTX *ctx, int type, int arg, void *ptr)
     int EVP_CIPHER_CTX_set_padding(EVP_CIPHER_CTX *ctx, int pad)
     int EVP_CipherInit_ex(EVP_CIPHER_CTX *ctx, const EVP_CIPHER *cipher, ENGINE *impl,
@@ -47,6 +48,7 @@ cdef extern from "openssl/evp.h" nogil:
     void EVP_MAC_free(EVP_MAC *mac)
     EVP_MAC_CTX *EVP_MAC_CTX_new(EVP_MAC *mac)
     void EVP_MAC_CTX_free(EVP_MAC_CTX *ctx)
+    EVP_MAC_CTX *EVP_MAC_CTX_dup(const EVP_MAC_CTX *src)
 
 cdef extern from "openssl/params.h" nogil:
     ctypedef struct OSSL_PARAM:
