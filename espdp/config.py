@@ -68,6 +68,7 @@ class TunnelConfig:
     nat_keepalive: float = 20.0              # seconds; 0: none
     raw_esp: bool = False                    # also raw ESP (protocol 50) sockets
     offload: bool = True                     # TUN with TSO in / coalesced TCP out
+    workers: int = 1                         # dataplane threads (espdp.workers)
     inject_marks: bool = True                # marked decrypted packets to the kernel
     address_mode: str = "deprecated"         # IPv6 virtual IPs: deprecated, label, plain
     state_dir: Optional[str] = None          # what was installed, for cleanup after a crash
@@ -218,6 +219,7 @@ _TUNNEL_CHECKS = (
      and 0 <= v <= 86400, "seconds 0..86400 (0: no keepalives)"),
     ("raw_esp", lambda v: isinstance(v, bool), "true or false"),
     ("offload", lambda v: isinstance(v, bool), "true or false"),
+    ("workers", _integer(1, 64), "a number of threads 1..64"),
     ("inject_marks", lambda v: isinstance(v, bool), "true or false"),
     ("address_mode", lambda v: v in ("deprecated", "label", "plain"),
      "deprecated, label or plain"),

@@ -125,7 +125,7 @@ class Daemon:
         if t.fd is not None:
             self.tun = Tun.from_fd(t.fd, t.tun)
         else:
-            self.tun = Tun.create(t.tun, mtu, offload=t.offload)
+            self.tun = Tun.create(t.tun, mtu, multi_queue=t.workers > 1, offload=t.offload)
         self._cleanup.append(self.tun.close)
         injector = None
         if t.inject_marks:
@@ -139,10 +139,20 @@ class Daemon:
 
             relay = IkeRelay(t.ike_forward)
             self._cleanup.append(relay.close)
+        extra: dict = {}
+        if t.workers > 1:
+            if t.fd is not None:
+                raise ConfigError("workers > 1 needs a TUN espdp creates ('tun'), not an fd")
+            from .io.raw import KernelInjector
+
+            extra = dict(workers=t.workers,
+                         tun_queue=lambda: Tun.create(t.tun, mtu, multi_queue=True,
+                                                      offload=t.offload),
+                         injector_factory=KernelInjector if t.inject_marks else None)
         self.tunnel = Tunnel(self.tun, xfrm=self.xfrm, udp_port=t.udp_port, raw_esp=t.raw_esp,
                              injector=injector, path_mtu=t.path_mtu,
                              keepalive_interval=t.nat_keepalive, clock=self.clock,
-                             on_ike=relay)
+                             on_ike=relay, **extra)
         self._cleanup.append(self.tunnel.close)
         if relay is not None:
             relay.sockets = self.tunnel.dataplane.sockets
@@ -233,10 +243,18 @@ class Daemon:
         out = {"tun": self.name, "uptime": round(now - self.started, 1), "sas": sas,
                "policies": len(self.xfrm.spd), "no_sa_drops": self.xfrm.sad.table.stats()}
         if dp is not None:
-            out["counters"] = dp.counters.as_dict()
-            out["devices"] = {repr(d): dict(d.stats) for d in dp.devices()}
-            if dp.injector is not None:
-                out["devices"]["injector"] = dict(dp.injector.stats)
+            out["counters"] = self.tunnel.counter_totals()
+            out["devices"] = {}
+            for k, wdp in enumerate(self.tunnel.dataplanes()):
+                tag = f"worker {k} " if k else ""
+                for d in wdp.devices():
+                    out["devices"][tag + repr(d)] = dict(d.stats)
+                if wdp.injector is not None:
+                    out["devices"][tag + "injector"] = dict(wdp.injector.stats)
+            if len(self.tunnel.dataplanes()) > 1:
+                out["workers"] = [{k: getattr(wdp.counters, k)
+                                   for k in ("tun_in", "tun_out", "sent", "received")}
+                                  for wdp in self.tunnel.dataplanes()]
         if self.control is not None:
             out["control_refused"] = self.control.refused
         return out

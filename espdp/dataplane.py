@@ -28,6 +28,7 @@ engine, a batch at a time.  Moving the per-packet decisions into the engine
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 from dataclasses import dataclass, field
@@ -84,12 +85,20 @@ class Dataplane:
     ``sockets``/``esp_sockets`` map the outer family (4, 6) to a UDP
     encapsulation socket / a raw ESP socket; ``injector`` takes marked
     decrypted packets; ``path_mtu`` is the MTU of the path to the peers.
+
+    With several workers (:mod:`espdp.workers`) each has a Dataplane of its
+    own (devices, batches, caches, counters) with its ``worker`` index into
+    the engine's table, and ``lock`` (shared by all, held by the thread that
+    runs the control plane) around every call into the XFRM model.
     """
 
     def __init__(self, xfrm: Any, tun: Any, sockets: dict[int, Any],
                  esp_sockets: Optional[dict[int, Any]] = None, injector: Any = None,
-                 path_mtu: int = 1500, keepalive_interval: float = 0.0) -> None:
+                 path_mtu: int = 1500, keepalive_interval: float = 0.0,
+                 worker: int = 0, lock: Any = None) -> None:
         self.xfrm = xfrm
+        self.worker = worker
+        self.lock = lock if lock is not None else contextlib.nullcontext()
         self.tun = tun
         self.sockets = sockets
         self.esp_sockets = esp_sockets or {}
@@ -120,31 +129,32 @@ class Dataplane:
         # rest are decided here and remembered.
         misses = self._flows.classify(batch, self.xfrm.sad.table, self.xfrm.generation)
         chosen: dict[bytes, tuple] = {}   # flow key -> (SA, family, generation), this batch
-        for i in misses:
-            packet = batch.packet(i)
-            key = flow_key(packet)
-            hit = chosen.get(key) if key is not None else None
-            if hit is not None:  # the same flow as an earlier packet: the same decision
-                self._choose(batch, i, *hit)
-                continue
-            flow = flow_of_packet(packet)
-            if flow is None:
-                self.counters.drop(self.counters.policy_drops, "not_ip")
-                continue
-            generation = self.xfrm.generation
-            decision = self.xfrm.outbound(flow, now, packet=packet)
-            if decision.action == "encrypt":
-                if key is not None:
-                    chosen[key] = (decision.sa, flow.family, generation)
-                self._choose(batch, i, decision.sa, flow.family, generation)
-            elif decision.action == "clear":
-                # Routed into the tunnel but no policy protects it: the TUN is the
-                # only way out, and writing it back would loop.  Counted, dropped.
-                self.counters.clear += 1
-                self.counters.drop(self.counters.policy_drops, "no_policy")
-            elif decision.action != "queued":
-                reason = "acquire" if decision.action == "drop" else "block"
-                self.counters.drop(self.counters.policy_drops, reason)
+        with self.lock:   # the slow path: the model decides (workers share it)
+            for i in misses:
+                packet = batch.packet(i)
+                key = flow_key(packet)
+                hit = chosen.get(key) if key is not None else None
+                if hit is not None:  # the same flow as an earlier packet: the same decision
+                    self._choose(batch, i, *hit)
+                    continue
+                flow = flow_of_packet(packet)
+                if flow is None:
+                    self.counters.drop(self.counters.policy_drops, "not_ip")
+                    continue
+                generation = self.xfrm.generation
+                decision = self.xfrm.outbound(flow, now, packet=packet)
+                if decision.action == "encrypt":
+                    if key is not None:
+                        chosen[key] = (decision.sa, flow.family, generation)
+                    self._choose(batch, i, decision.sa, flow.family, generation)
+                elif decision.action == "clear":
+                    # Routed into the tunnel but no policy protects it: the TUN is the
+                    # only way out, and writing it back would loop.  Counted, dropped.
+                    self.counters.clear += 1
+                    self.counters.drop(self.counters.policy_drops, "no_policy")
+                elif decision.action != "queued":
+                    reason = "acquire" if decision.action == "drop" else "block"
+                    self.counters.drop(self.counters.policy_drops, reason)
         self._send_icmp()
         self._encrypt_and_send(batch)
         return batch.count
@@ -185,7 +195,7 @@ class Dataplane:
 
     def _encrypt_and_send(self, batch: PacketBatch) -> None:
         # Slots without an SA come back from the engine as no_sa: they were counted.
-        self.xfrm.sad.table.encrypt(batch)
+        self.xfrm.sad.table.encrypt(batch, self.worker)
         n = batch.count
         have = batch.sa[:n] >= 0
         verdict = batch.verdict[:n]
@@ -247,28 +257,33 @@ class Dataplane:
             heads = np.array([np.frombuffer(batch.packet(i)[:48].ljust(48, b"\0"), np.uint8)
                               for i in range(n)])
         table = self.xfrm.sad.table
-        table.decrypt(batch)
+        table.decrypt(batch, self.worker)
         verdict, flags = batch.verdict[:n], batch.flags[:n]
         for i in np.flatnonzero(verdict):
             self.counters.drop(self.counters.engine_drops, VERDICTS[verdict[i]])
         ok = verdict == 0
-        for i in np.flatnonzero(ok & (flags & FLAG_MAPPING != 0)):
-            self.xfrm.report_mapping(table[int(batch.sa[i])],
-                                     *_outer_source(bytes(heads[i])), now)
+        mapped = np.flatnonzero(ok & (flags & FLAG_MAPPING != 0))
         # (SA, mark, flow) accepted before in this generation: flagged in C; the
         # others are checked against the inbound policies here.
         generation = self.xfrm.generation
         unchecked = self._accepted.check(batch, generation)
         accepted = ok & (flags & FLAG_ACCEPTED != 0)
-        for i in unchecked:
-            flow = flow_of_packet(batch.packet(i))
-            if flow is None or not self.xfrm.inbound_check(
-                    table[int(batch.sa[i])], flow, now, mark=int(batch.mark[i])):
-                self.counters.drop(self.counters.policy_drops, "inbound_policy")
-                continue
-            accepted[i] = True
-            if self.xfrm.generation == generation:
-                self._accepted.insert(batch, i, generation)
+        if len(mapped) or len(unchecked):
+            with self.lock:   # the slow path: the model decides (workers share it)
+                for i in mapped:
+                    sa = table.get(int(batch.sa[i]))
+                    if sa is not None:
+                        self.xfrm.report_mapping(sa, *_outer_source(bytes(heads[i])), now)
+                for i in unchecked:
+                    flow = flow_of_packet(batch.packet(i))
+                    sa = table.get(int(batch.sa[i]))
+                    if flow is None or sa is None or not self.xfrm.inbound_check(
+                            sa, flow, now, mark=int(batch.mark[i])):
+                        self.counters.drop(self.counters.policy_drops, "inbound_policy")
+                        continue
+                    accepted[i] = True
+                    if self.xfrm.generation == generation:
+                        self._accepted.insert(batch, i, generation)
         if self.injector is not None:
             marked = batch.mark[:n] != 0
             to_tun = np.flatnonzero(accepted & ~marked).tolist()

@@ -383,6 +383,11 @@ cdef class SATable:
             raise KeyError(index)
         return sa
 
+    def get(self, int index, default=None):
+        """The SA at ``index``, or ``default`` when there is none (any more)."""
+        sa = self._sas[index] if 0 <= index < len(self._sas) else None
+        return default if sa is None else sa
+
     cdef void _insert(self, int32_t index):
         cdef uint32_t h = _hash(self.cores[index].spi, self.nslots)
         while self.slots[h] >= 0:

@@ -50,6 +50,7 @@ from libc.string cimport memcmp, memcpy, memset
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
 
+from espdp._atomic cimport pthread_rwlock_rdlock, pthread_rwlock_unlock
 from espdp._engine cimport PacketBatch, SATable
 from espdp._esp cimport V_OK, sa_core
 
@@ -347,7 +348,9 @@ cdef class FlowCache(_Cache):
         cdef int nmiss
         self._reserve(batch.count)
         with nogil:
+            pthread_rwlock_rdlock(&table.lock)   # the SA array may move under add()
             nmiss = self.lookup_batch(batch, table, generation)
+            pthread_rwlock_unlock(&table.lock)
         return self._misses(nmiss)
 
     def insert(self, PacketBatch batch, int i, int32_t sa_index, uint32_t max_len,
