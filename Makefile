@@ -26,6 +26,7 @@ bench:
 	.venv/bin/python bench/lookup.py
 	.venv/bin/python bench/e2e.py
 	.venv/bin/python bench/scale.py
+	.venv/bin/python -m pytest -q bench/test_micro.py --benchmark-json bench/results/micro.json
 
 clean:
 	rm -rf build .venv espdp/*.so src_cython/espdp/*.c src_cython/espdp/*.html
