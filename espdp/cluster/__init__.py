@@ -1,0 +1,1 @@
+"""Active-active cluster: N gateways share one address (docs/cluster.md)."""
