@@ -101,13 +101,15 @@ static uint32_t jhash_one(uint32_t a, uint32_t initval) {
     return c;
 }
 
-/* stdin: "bytes HEX SEED" | "addr HEX SEED TOTAL" (4 or 16 address bytes, as in a
-   packet) -> one line each: the hash, or hash and segment */
+/* stdin: "bytes HEX SEED" -> jhash over the bytes;
+   "addr HEX SEED TOTAL" (4 or 16 address bytes, as in a packet) -> xt_cluster's
+   hash (jhash_1word of the first word: NF_CT_TUPLE_L3SIZE / sizeof(u32) == 1),
+   jhash2 over every word, jhash over the bytes, and the two segments */
 int main(void) {
     char kind[16], hex[256];
     unsigned long seed, total;
     while (scanf("%15s %255s %lu", kind, hex, &seed) == 3) {
-        uint8_t raw[128]; uint32_t n = strlen(hex) / 2, h;
+        uint8_t raw[128]; uint32_t n = strlen(hex) / 2;
         for (uint32_t i = 0; i < n; i++) sscanf(hex + 2 * i, "%2hhx", &raw[i]);
         if (strcmp(kind, "bytes") == 0) {
             printf("%u\n", jhash_bytes(raw, n, (uint32_t)seed));
@@ -116,9 +118,11 @@ int main(void) {
         if (scanf("%lu", &total) != 1) return 1;
         uint32_t words[4];
         memcpy(words, raw, n);   /* the address as the kernel reads it from the packet */
-        h = n == 4 ? jhash_one(words[0], (uint32_t)seed) : jhash_words(words, 4, (uint32_t)seed);
-        printf("%u %u %u\n", h, jhash_bytes(raw, n, (uint32_t)seed),
-               (uint32_t)(((uint64_t)h * total) >> 32));
+        uint32_t first = jhash_one(words[0], (uint32_t)seed);
+        uint32_t all = jhash_words(words, n / 4, (uint32_t)seed);
+        printf("%u %u %u %u %u\n", first, all, jhash_bytes(raw, n, (uint32_t)seed),
+               (uint32_t)(((uint64_t)first * total) >> 32),
+               (uint32_t)(((uint64_t)all * total) >> 32));
     }
     return 0;
 }
@@ -159,8 +163,8 @@ def test_word_forms_equal_the_byte_form_on_this_machine(kernel_jhash):
         n = rng.choice((4, 16))
         lines.append(f"addr {rng.randbytes(n).hex()} {rng.getrandbits(32)} 7")
     for line in kernel_jhash(lines):
-        h, from_bytes, _ = line.split()
-        assert h == from_bytes
+        _, every_word, from_bytes, _, _ = line.split()
+        assert every_word == from_bytes
 
 
 def test_segments_match_the_c_reference_for_ipv4_and_ipv6(kernel_jhash):
@@ -174,40 +178,54 @@ def test_segments_match_the_c_reference_for_ipv4_and_ipv6(kernel_jhash):
         cases.append((addr, rng.getrandbits(32) if i % 3 else 0, rng.randint(1, 32)))
     out = kernel_jhash([f"addr {a.packed.hex()} {seed} {total}" for a, seed, total in cases])
     for (addr, seed, total), line in zip(cases, out, strict=True):
-        h, _, segment = (int(x) for x in line.split())
+        first, every, _, seg_first, seg_every = (int(x) for x in line.split())
         words = address_words(addr.packed)
-        ours = jhash_1word(words[0], seed) if addr.version == 4 else jhash2(words, seed)
-        assert ours == h, addr
-        assert segment_of(addr, total, seed) == segment == reciprocal_scale(h, total)
+        assert jhash_1word(words[0], seed) == first
+        assert jhash2(words, seed) == every
+        # xt_cluster: one word (IPv4, and IPv6 as the kernel really does); or all four
+        assert segment_of(addr, total, seed) == seg_first == reciprocal_scale(first, total)
+        assert segment_of(addr, total, seed, ipv6_words=4) == seg_every
 
 
-# (address, total, seed, jhash, segment), computed with the C reference above on
-# x86-64 (little-endian): regressions show here even where no compiler is at hand.
+def test_the_kernel_default_hashes_only_the_first_32_bits_of_an_ipv6_address():
+    a, b = ipaddress.ip_address("2001:db8::1"), ipaddress.ip_address("2001:db8:ffff::2")
+    assert all(segment_of(a, 32, seed) == segment_of(b, 32, seed) for seed in range(50))
+    assert any(segment_of(a, 32, seed, ipv6_words=4) != segment_of(b, 32, seed, ipv6_words=4)
+               for seed in range(50))
+    assert PeerSegments(32, 9).of(b) == segment_of(b, 32, 9)
+    assert PeerSegments(32, 9, ipv6_words=4).of(b) == segment_of(b, 32, 9, ipv6_words=4)
+
+
+# (address, total, seed, ipv6_words, jhash, segment), computed with the C reference
+# above on x86-64 (little-endian): regressions show even where no compiler is at hand.
 KNOWN = [
-    ("192.0.2.1", 6, 0, 0xB3BCB8D1, 4),
-    ("198.51.100.77", 3, 0x12345678, 0xB8B5FCA2, 2),
-    ("10.0.0.1", 32, 0, 0x2FA5F781, 5),
-    ("2001:db8::1", 6, 0, 0x0E5B0ADB, 0),
-    ("fe80::1", 32, 0xDEADBEEF, 0x3F41971A, 7),
+    ("192.0.2.1", 6, 0, 1, 0xB3BCB8D1, 4),
+    ("198.51.100.77", 3, 0x12345678, 1, 0xB8B5FCA2, 2),
+    ("10.0.0.1", 32, 0, 1, 0x2FA5F781, 5),
+    ("2001:db8::1", 6, 0, 4, 0x0E5B0ADB, 0),
+    ("fe80::1", 32, 0xDEADBEEF, 4, 0x3F41971A, 7),
+    ("2001:db8::1", 6, 0, 1, 0xAA846C4A, 3),
+    ("fe80::1", 32, 0xDEADBEEF, 1, 0xC1676D74, 24),
 ]
 
 
 @pytest.mark.skipif(sys.byteorder != "little", reason="vectors are for little-endian")
-@pytest.mark.parametrize("text,total,seed,expected,segment", KNOWN)
-def test_known_vectors(text, total, seed, expected, segment):
+@pytest.mark.parametrize("text,total,seed,ipv6_words,expected,segment", KNOWN)
+def test_known_vectors(text, total, seed, ipv6_words, expected, segment):
     addr = ipaddress.ip_address(text)
-    words = address_words(addr.packed)
-    assert (jhash_1word(words[0], seed) if addr.version == 4 else jhash2(words, seed)) \
+    words = address_words(addr.packed)[:ipv6_words]
+    assert (jhash_1word(words[0], seed) if len(words) == 1 else jhash2(words, seed)) \
         == expected
-    assert segment_of(addr, total, seed) == segment
+    assert segment_of(addr, total, seed, ipv6_words=ipv6_words) == segment
 
 
 @pytest.mark.skipif(sys.byteorder != "little", reason="vectors are for little-endian")
 def test_known_vectors_are_the_c_references(kernel_jhash):
     lines = kernel_jhash([f"addr {ipaddress.ip_address(t).packed.hex()} {seed} {total}"
-                          for t, total, seed, _, _ in KNOWN])
-    assert [(int(line.split()[0]), int(line.split()[2])) for line in lines] == \
-        [(h, s) for *_, h, s in KNOWN]
+                          for t, total, seed, *_ in KNOWN])
+    for (_, _, _, ipv6_words, h, segment), line in zip(KNOWN, lines, strict=True):
+        first, every, _, seg_first, seg_every = (int(x) for x in line.split())
+        assert (h, segment) == ((first, seg_first) if ipv6_words == 1 else (every, seg_every))
 
 
 def test_jhash_1word_is_jhash2_of_one_word():

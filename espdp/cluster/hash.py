@@ -10,7 +10,14 @@ so an operator can split other traffic (IKE, say) the same way::
 * IPv4: ``jhash_1word(saddr, seed)`` where ``saddr`` is the 32-bit word *as
   read from the packet* (the CPU's byte order: on x86 the address bytes read
   little-endian);
-* IPv6: ``jhash2(saddr.s6_addr32, 4, seed)``, four such words;
+* IPv6: ``jhash2(saddr, NF_CT_TUPLE_L3SIZE / sizeof(__u32), seed)``.  Read
+  carefully, that is **one** word, the first 32 bits of the address:
+  ``NF_CT_TUPLE_L3SIZE`` is ``ARRAY_SIZE(nf_inet_addr.all)``, already a count
+  of words (4), not of bytes.  The running kernel does so (the namespace test
+  checks it against ``-m cluster``), so ``ipv6_words = 1`` is the default.
+  ``ipv6_words = 4`` hashes the whole address with ``jhash2(..., 4, seed)``,
+  what the code meant and what issue 7 describes: better spread when many
+  peers share a /32, but then ``-m cluster`` splits IPv6 otherwise;
 * jhash is Bob Jenkins' lookup3 with the initial values of Linux 4.1 and
   later (``JHASH_INITVAL + (words << 2) + seed``).
 
@@ -107,9 +114,10 @@ def address_words(raw: bytes) -> tuple[int, ...]:
     return tuple(int.from_bytes(raw[i:i + 4], sys.byteorder) for i in range(0, len(raw), 4))
 
 
-def segment_of(address: IPAddress, total: int, seed: int, port: Optional[int] = None) -> int:
+def segment_of(address: IPAddress, total: int, seed: int, port: Optional[int] = None,
+               ipv6_words: int = 1) -> int:
     """The segment of a peer at ``address`` (and UDP ``port`` in addr+port mode)."""
-    words = address_words(address.packed)
+    words = address_words(address.packed)[:ipv6_words]
     if port is not None:
         words += (port & 0xFFFF,)
     h = jhash_1word(words[0], seed) if len(words) == 1 else jhash2(words, seed)
@@ -119,13 +127,14 @@ def segment_of(address: IPAddress, total: int, seed: int, port: Optional[int] = 
 class PeerSegments:
     """Segment per peer, cached by the raw address bytes (and port) of packets.
 
-    ``with_port``: addr+port mode.  The cache is bounded; when full it starts
-    afresh (a hash is a few microseconds to recompute).
+    ``with_port``: addr+port mode; ``ipv6_words``: 1 (as the kernel) or 4.  The
+    cache is bounded; when full it starts afresh (a hash is a few microseconds).
     """
 
     def __init__(self, total: int, seed: int, with_port: bool = False,
-                 limit: int = 65536) -> None:
+                 ipv6_words: int = 1, limit: int = 65536) -> None:
         self.total, self.seed, self.with_port = total, seed & _M, with_port
+        self.ipv6_words = ipv6_words
         self._cache: dict[bytes, int] = {}
         self._limit = limit
 
@@ -136,7 +145,7 @@ class PeerSegments:
         if seg is None:
             if len(self._cache) >= self._limit:
                 self._cache.clear()
-            words = address_words(raw)
+            words = address_words(raw)[:self.ipv6_words]
             if self.with_port:
                 words += (port,)
             h = jhash_1word(words[0], self.seed) if len(words) == 1 \
