@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBS=(libssl-dev pkg-config iproute2 tshark nftables iputils-ping conntrack)
+DEBS=(libssl-dev pkg-config iproute2 tshark nftables iputils-ping conntrack etcd-server iptables)
 missing=()
 for pkg in "${DEBS[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
