@@ -311,6 +311,8 @@ class Dataplane:
             info = self.xfrm.sad.state_of(sa).info
             if oseq != sa.oseq or info.encap is None:
                 continue
+            if self.cluster_filter is not None and not self.cluster_filter.armed(sa):
+                continue  # espdp.cluster: the node that owns the peer sends them
             sock = self.sockets.get(info.dst.version)
             if sock is not None:
                 sock.send_keepalive((str(info.dst), info.encap.dport))

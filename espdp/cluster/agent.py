@@ -418,6 +418,8 @@ class Agent:
 
     def _finish_release(self, segment: int, items: list) -> None:
         """The loop stopped using ``segment``: last checkpoints, then the key goes."""
+        if segment not in self.leaving:   # the lease was lost meanwhile: nothing is ours
+            return
         self._pending_release[segment] = items
         self._checkpoint(items, answer=False)
         for item in items:

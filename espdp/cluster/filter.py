@@ -178,9 +178,9 @@ class SegmentFilter:
     def _segment_at(self, batch: Any, i: int) -> int:
         off = int(batch.offset[i])
         row = batch.data[i]
-        version = row[off] >> 4
+        version = int(row[off]) >> 4
         if version == 4:
-            raw, ihl, proto = row[off + 12:off + 16], (row[off] & 0x0F) * 4, row[off + 9]
+            raw, ihl, proto = row[off + 12:off + 16], (int(row[off]) & 0x0F) * 4, row[off + 9]
         elif version == 6:
             raw, ihl, proto = row[off + 8:off + 24], 40, row[off + 6]
         else:
