@@ -209,7 +209,8 @@ def test_inbound_keeps_only_owned_segments_in_order_and_compacts_the_batch():
     f = _filter()
     sources = [f"192.0.2.{i}" for i in range(10, 40)] + [f"fd5e:{i:x}::2" for i in range(1, 30)]
     segs = {s: segment_of(ipaddress.ip_address(s), 6, 7) for s in sources}
-    f.owned[[0, 3]] = True
+    f.set_owned(0, True)
+    f.set_owned(3, True)
     batch = PacketBatch(64, 2304, 256)
     for s in sources:
         batch.add(_udp4(s) if "." in s else _udp6(s))
@@ -227,13 +228,13 @@ def test_inbound_keeps_only_owned_segments_in_order_and_compacts_the_batch():
 def test_inbound_one_peer_batch_takes_the_fast_path_and_all_or_nothing():
     f = _filter()
     src = "192.0.2.77"
-    f.owned[segment_of(ipaddress.ip_address(src), 6, 7)] = True
+    f.set_owned(segment_of(ipaddress.ip_address(src), 6, 7), True)
     batch = PacketBatch(64, 2304, 256)
     for _ in range(64):
         batch.add(_udp4(src))
     f.inbound(batch)
     assert batch.count == 64
-    f.owned[:] = False
+    f.disarm_all()
     f.inbound(batch)
     assert batch.count == 0 and f.counters["not_owned_in"] == 64
 
@@ -241,7 +242,7 @@ def test_inbound_one_peer_batch_takes_the_fast_path_and_all_or_nothing():
 def test_addr_and_port_mode_splits_one_nat_address_by_port():
     f = _filter(with_port=True)
     owned = PeerSegments(6, 7, with_port=True).of(ipaddress.ip_address("198.51.100.1"), 4501)
-    f.owned[owned] = True
+    f.set_owned(owned, True)
     batch = PacketBatch(64, 2304, 256)
     for port in range(4500, 4540):
         batch.add(_udp4("198.51.100.1", port))
@@ -256,7 +257,7 @@ def test_addr_and_port_mode_splits_one_nat_address_by_port():
 def test_a_fenced_node_drops_everything_both_ways():
     now = [100.0]
     f = SegmentFilter(PeerSegments(6, 7), 6, clock=lambda: now[0])
-    f.owned[:] = True
+    f.owned[:] = [True] * 6
     f.fence_until = 100.5
     sa = _FakeSA(0, 10)
     f.arm(sa, 1000, 500)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -39,16 +39,19 @@ IPPROTO_UDP = 17
 
 
 class SegmentFilter:
-    """Owned segments, armed SAs and the fence; see the module docstring."""
+    """Owned segments, armed SAs and the fence; see the module docstring.
+
+    The common batch comes from one peer (inbound) or goes to one SA (outbound):
+    that case costs a few byte-string comparisons and dict lookups, no numpy
+    call per packet (a numpy call costs microseconds on a small machine)."""
 
     def __init__(self, peers: PeerSegments, total: int,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.peers = peers
         self.clock = clock
-        self.owned = np.zeros(total, dtype=bool)
-        self.fence_until = 0.0          # monotonic; the agent thread moves it
-        self._allowed = np.zeros(64, dtype=bool)   # engine SA index -> may encrypt
-        self._engines: dict[int, Any] = {}          # SA index -> engine SA
+        self.owned = [False] * total     # segment -> owned here
+        self.fence_until = 0.0           # monotonic; the agent thread moves it
+        self._engines: dict[int, Any] = {}          # SA index -> engine SA (armed)
         self._limit: dict[int, int] = {}
         self._soft: dict[int, int] = {}
         self.checkpoint_due = False
@@ -60,14 +63,12 @@ class SegmentFilter:
     def forwarding(self, now: float) -> bool:
         return now < self.fence_until
 
+    def set_owned(self, segment: int, owned: bool) -> None:
+        self.owned[segment] = owned
+
     def arm(self, engine: Any, limit: int, soft: int) -> None:
         """Let ``engine`` encrypt up to sequence number ``limit``."""
         index = engine.index
-        if index >= self._allowed.size:
-            grown = np.zeros(max(index + 1, 2 * self._allowed.size), dtype=bool)
-            grown[:self._allowed.size] = self._allowed
-            self._allowed = grown
-        self._allowed[index] = True
         self._engines[index] = engine
         self._limit[index], self._soft[index] = limit, soft
 
@@ -80,15 +81,13 @@ class SegmentFilter:
     def disarm(self, engine: Any) -> None:
         index = engine.index
         if self._engines.get(index) is engine:
-            self._allowed[index] = False
             del self._engines[index], self._limit[index], self._soft[index]
 
     def disarm_all(self) -> None:
-        self._allowed[:] = False
         self._engines.clear()
         self._limit.clear()
         self._soft.clear()
-        self.owned[:] = False
+        self.owned[:] = [False] * len(self.owned)
 
     def armed(self, engine: Any) -> bool:
         return self._engines.get(engine.index) is engine
@@ -104,88 +103,104 @@ class SegmentFilter:
             self.counters["fenced_in"] += n
             batch.count = 0
             return
-        keep = self.owned[self._segments(batch, n)]
-        if keep.all():
+        segment = self._one_peer(batch, n)
+        if segment is not None:
+            if not self.owned[segment]:
+                self.counters["not_owned_in"] += n
+                batch.count = 0
             return
-        kept = np.flatnonzero(keep)
-        self.counters["not_owned_in"] += n - kept.size
-        k = kept.size
+        owned = self.owned
+        kept = [i for i, head in enumerate(self._heads(batch, n)) if owned[self._segment(head)]]
+        k = len(kept)
+        if k == n:
+            return
+        self.counters["not_owned_in"] += n - k
         if k:
-            batch.data[:k] = batch.data[kept]
+            rows = np.array(kept)
+            batch.data[:k] = batch.data[rows]
             for column in (batch.offset, batch.length, batch.mark):
-                column[:k] = column[kept]
+                column[:k] = column[rows]
         batch.count = k
 
     def outbound(self, batch: Any) -> None:
         """Take the SA from slots whose SA is not armed here (or from all, fenced)."""
         n = batch.count
         sas = batch.sa[:n]
-        chosen = sas >= 0
-        if not chosen.any():
+        chosen = sas.tolist()
+        indexes = set(chosen)
+        indexes.discard(-1)
+        if not indexes:
             return
         if self.clock() >= self.fence_until:
-            self.counters["fenced_out"] += int(chosen.sum())
-            sas[chosen] = -1
+            self.counters["fenced_out"] += n - chosen.count(-1)
+            sas[:] = -1
             return
-        allowed = self._allowed
-        index = np.where(chosen, sas, 0)
-        ok = chosen & (index < allowed.size)
-        ok[ok] = allowed[index[ok]]
-        refused = chosen & ~ok
-        if refused.any():
-            self.counters["not_owned_out"] += int(refused.sum())
-            sas[refused] = -1
-        if ok.any():
-            self._spend(sas, sas[ok])
-
-    def _spend(self, sas: np.ndarray, live: np.ndarray) -> None:
-        first = live[0]
-        if (live == first).all():
-            groups = ((int(first), int(live.size)),)
-        else:
-            values, counts = np.unique(live, return_counts=True)
-            groups = zip(values.tolist(), counts.tolist(), strict=True)
-        for index, count in groups:
-            oseq = self._engines[index].oseq
-            if oseq + count > self._limit[index]:
-                held = sas == index
-                self.counters["budget"] += int(held.sum())
-                sas[held] = -1
-                self.checkpoint_due = True
-            elif oseq + count > self._soft[index]:
-                self.checkpoint_due = True
-
-    def _segments(self, batch: Any, n: int) -> np.ndarray:
-        """The segment of each of the first ``n`` packets (their outer source)."""
-        data, offsets = batch.data, batch.offset[:n]
-        off = int(offsets[0])
-        if (offsets == off).all():
-            heads = data[:n, off:off + 48]
-            first = heads[:, 0]
-            if (first == 0x45).all() and (heads[:, 9] == heads[0, 9]).all():
-                keys = heads[:, 12:16] if not self.peers.with_port else \
-                    np.concatenate([heads[:, 12:16], heads[:, 20:22]], axis=1)
-            elif (first >> 4 == 6).all() and (heads[:, 6] == heads[0, 6]).all():
-                keys = heads[:, 8:24] if not self.peers.with_port else \
-                    np.concatenate([heads[:, 8:24], heads[:, 40:42]], axis=1)
+        for index in indexes:
+            engine = self._engines.get(index)
+            count = chosen.count(index) if len(indexes) > 1 else n - chosen.count(-1)
+            if engine is None:
+                self.counters["not_owned_out"] += count
             else:
-                keys = None
-            if keys is not None and (keys == keys[0]).all():  # one peer: one hash lookup
-                return np.full(n, self._segment_at(batch, 0), dtype=np.intp)
-        return np.fromiter((self._segment_at(batch, i) for i in range(n)), dtype=np.intp,
-                           count=n)
+                oseq = engine.oseq
+                if oseq + count <= self._limit[index]:
+                    if oseq + count > self._soft[index]:
+                        self.checkpoint_due = True
+                    continue
+                self.counters["budget"] += count
+                self.checkpoint_due = True
+            sas[sas == index] = -1
+
+    def _one_peer(self, batch: Any, n: int) -> Optional[int]:
+        """The segment when every packet of the batch comes from one peer (same
+        offset, same outer source, same port in addr+port mode), else None."""
+        offsets = batch.offset[:n].tobytes()
+        if offsets != offsets[:4] * n:
+            return None
+        off = int(batch.offset[0])
+        data = batch.data
+        first = data[:n, off].tobytes()
+        if first != first[:1] * n:
+            return None
+        if first[0] == 0x45:
+            start, width, proto_at, port_at = 12, 4, 9, 20
+        elif first[0] >> 4 == 6:
+            start, width, proto_at, port_at = 8, 16, 6, 40
+        else:
+            return None
+        key = data[:n, off + start:off + start + width].tobytes()
+        if key != key[:width] * n:
+            return None
+        if self.peers.with_port:
+            both = data[:n, off + port_at:off + port_at + 2].tobytes() + \
+                data[:n, off + proto_at].tobytes()
+            if both[:2 * n] != both[:2] * n or both[2 * n:] != both[2 * n:2 * n + 1] * n:
+                return None
+        return self._segment_at(batch, 0)
 
     def _segment_at(self, batch: Any, i: int) -> int:
         off = int(batch.offset[i])
-        row = batch.data[i]
-        version = int(row[off]) >> 4
+        return self._segment(batch.data[i, off:off + 48].tobytes())
+
+    def _heads(self, batch: Any, n: int) -> list:
+        """The first 48 bytes of each packet (one copy when the offsets are equal)."""
+        offsets = batch.offset[:n].tobytes()
+        if offsets == offsets[:4] * n:
+            off = int(batch.offset[0])
+            heads = batch.data[:n, off:off + 48].tobytes()
+            return [heads[j:j + 48] for j in range(0, 48 * n, 48)]
+        return [batch.data[i, int(batch.offset[i]):int(batch.offset[i]) + 48].tobytes()
+                for i in range(n)]
+
+    def _segment(self, head: bytes) -> int:
+        """The segment of the outer packet starting with ``head``."""
+        version = head[0] >> 4
         if version == 4:
-            raw, ihl, proto = row[off + 12:off + 16], (int(row[off]) & 0x0F) * 4, row[off + 9]
+            raw, ihl, proto = head[12:16], (head[0] & 0x0F) * 4, head[9]
         elif version == 6:
-            raw, ihl, proto = row[off + 8:off + 24], 40, row[off + 6]
+            raw, ihl, proto = head[8:24], 40, head[6]
         else:
             return 0   # not IP: the engine drops it as malformed
         port = 0
         if self.peers.with_port and proto == IPPROTO_UDP:
-            port = int(row[off + ihl]) << 8 | int(row[off + ihl + 1])
-        return self.peers.of_raw(raw.tobytes(), port)
+            port = int.from_bytes(head[ihl:ihl + 2], "big")
+        return self.peers.of_raw(raw, port)

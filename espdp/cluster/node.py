@@ -270,7 +270,7 @@ class Cluster:
         if segment is not None:
             del self._activating[segment]
             self.owned.add(segment)
-            self.filter.owned[segment] = True
+            self.filter.set_owned(segment, True)
         if failed:
             self._retry_at = self.clock() + 0.5
 
@@ -302,7 +302,7 @@ class Cluster:
         """Stop using ``segment`` now; its last values go to the agent."""
         self.owned.discard(segment)
         self._activating.pop(segment, None)
-        self.filter.owned[segment] = False
+        self.filter.set_owned(segment, False)
         final = []
         for cid, armed in list(self.armed.items()):
             if armed.segment == segment:
