@@ -186,13 +186,13 @@ class Agent:
     # ------------------------------------------------------------ each step
 
     def _step(self) -> None:
-        now = self.clock()
-        self._publish_pending()
-        self._replicate_in()
+        # The renewal first: it is what keeps this node forwarding when etcd is slow.
         if self.lease is None:
             self._join()
-        elif now >= self._next_keepalive:
+        elif self.clock() >= self._next_keepalive:
             self._renew()
+        self._publish_pending()
+        self._replicate_in()   # before any claim: a segment is armed with the SAs known
         if self.lease is None:
             return
         for segment, items in list(self._pending_release.items()):
