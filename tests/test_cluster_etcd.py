@@ -17,6 +17,7 @@ import urllib.request
 
 import pytest
 
+from espdp.client import format_cluster
 from espdp.cluster.config import parse_cluster
 from espdp.cluster.node import Cluster
 from espdp.cluster.store import EtcdUnavailable, Store
@@ -165,6 +166,10 @@ def test_a_crashed_owner_is_taken_over_past_its_checkpoint_window_mode(nodes):
     nodes.pump(lambda: new.agent.view["takeovers"] >= 1, 3, "the takeover is on record")
     status = new.status()
     assert status["takeovers"] >= 1 and status["takeover_log"][-1]["to"] == new.cfg.node
+    text = format_cluster(json.loads(json.dumps(status)))   # as the CLI gets it
+    assert f"node {new.cfg.node}: forwarding" in text
+    assert f"takeovers so far: {status['takeovers']}" in text
+    assert f"-> {new.cfg.node}" in text and "segments: 0:" in text
 
 
 def test_strict_mode_accepts_only_past_the_checkpoint_plus_the_jump(etcd, tmp_path):
