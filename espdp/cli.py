@@ -9,6 +9,7 @@
     espdp xfrm [--control PATH] [--json] [--show-keys] state|policy ...   (ip xfrm words)
     espdp xfrm [--control PATH] [--json] monitor [acquire expire SA policy aevent mapping]
     espdp status [--control PATH] [--json]
+    espdp cluster status [--control PATH] [--json]    nodes, segments, checkpoints, takeovers
     espdp lab [--mbytes N] [--json]     two namespaces, two daemons, traffic, a summary (root)
 
 Exit status: 0 when the work was done (dropped packets are reported, not
@@ -91,6 +92,12 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="the SAs of a running tunnel and their counters")
     status.add_argument("--control", metavar="PATH")
     status.add_argument("--json", action="store_true")
+    cluster = sub.add_parser("cluster", help="the active-active cluster a tunnel belongs to")
+    cluster_actions = cluster.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    cluster_status = cluster_actions.add_parser(
+        "status", help="nodes, segments and owners, checkpoint age, takeovers")
+    cluster_status.add_argument("--control", metavar="PATH")
+    cluster_status.add_argument("--json", action="store_true")
     sub.add_parser("lab", add_help=False, help="two namespaces, one tunnel, traffic, a summary")
     sub.add_parser("xfrm", add_help=False, help="ip xfrm state|policy|monitor, on a running "
                    "tunnel (options: --control PATH, --json, --show-keys)")
@@ -195,12 +202,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return run_demo(args.packets, args.json)
         if args.command == "run":
             return _run_command(args)
-        if args.command == "status":
-            from .client import ControlClient, format_status
+        if args.command in ("status", "cluster"):
+            from .client import ControlClient, format_cluster, format_status
 
+            op = "status" if args.command == "status" else "cluster"
             with ControlClient(_control_path(args.control)) as client:
-                result = client.request("status")
-            print(json.dumps(result, indent=2) if args.json else format_status(result))
+                result = client.request(op)
+            text = format_status(result) if op == "status" else format_cluster(result)
+            print(json.dumps(result, indent=2) if args.json else text)
             return 0
         from . import pcaptool
 

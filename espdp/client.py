@@ -181,7 +181,45 @@ def format_status(status: dict) -> str:
             if counters[kind]:
                 out.append(f"  {kind.replace('_', ' ')}: " + ", ".join(
                     f"{k} {v}" for k, v in sorted(counters[kind].items())))
+    cluster = status.get("cluster")
+    if cluster:
+        state = "forwarding" if cluster["forwarding"] else f"stopped ({cluster['reason']})"
+        out.append(f"  cluster node {cluster['node']}: {state}, segments "
+                   f"{cluster['owned'] or 'none'} (see `espdp cluster status`)")
     if status.get("no_sa_drops"):
         out.append("  dropped before an SA was found: " + ", ".join(
             f"{k} {v}" for k, v in sorted(status["no_sa_drops"].items())))
+    return "\n".join(out)
+
+
+def format_cluster(status: dict) -> str:
+    """``espdp cluster status``: this node, the members, who owns which segment,
+    checkpoints and takeovers."""
+    state = "forwarding" if status["forwarding"] else f"NOT forwarding: {status['reason']}"
+    etcd = status["etcd"]
+    out = [f"cluster {status['cluster']}, node {status['node']}: {state}",
+           f"  etcd {etcd['endpoint']}: " + ("ok" if etcd["ok"] else
+                                             f"unreachable for {etcd['since']}s ({etcd['error']})")
+           + (f", lease {status['lease']} (forwarding allowed for {status['fence_in']}s more)"
+              if status["lease"] else ", no lease")]
+    for node in status["nodes"]:
+        mark = " (this node)" if node["self"] else ""
+        member = "" if node["member"] else " [not a member]"
+        out.append(f"  node {node['name']}{mark}{member}: segments "
+                   f"{', '.join(map(str, node['segments'])) or 'none'}")
+    owners = " ".join(f"{s['segment']}:{s['owner'] or '-'}" for s in status["segments"])
+    out.append(f"  segments: {owners}")
+    c = status["checkpoints"]
+    age = "never" if c["age"] is None else f"{c['age']:.2f}s ago"
+    out.append(f"  checkpoints: last {age}, every {c['interval']}s, jump {c['jump']}; "
+               f"{c['writes']} writes ({c['writes_per_second']}/s), {c['records']} SA records "
+               f"({c['records_per_second']}/s), {c['conflicts']} conflicts")
+    out.append(f"  SAs: {status['sas']['armed']} armed here, {status['sas']['in_cluster']} "
+               f"in the cluster's SAD")
+    out.append(f"  takeovers so far: {status['takeovers']}")
+    for t in status.get("takeover_log", [])[-5:]:
+        out.append(f"    segment {t['segment']}: {t['from']} -> {t['to']}")
+    drops = ", ".join(f"{k} {v}" for k, v in sorted(status["drops"].items()) if v)
+    if drops:
+        out.append(f"  not processed here: {drops}")
     return "\n".join(out)

@@ -79,6 +79,7 @@ class TunnelConfig:
 class Config:
     tunnel: TunnelConfig = TunnelConfig()
     commands: list = field(default_factory=list)  # StateCommand | PolicyCommand, in order
+    cluster: Any = None                           # espdp.cluster.config.ClusterConfig
 
 
 def _word(value: Any, where: str, key: str) -> str:
@@ -247,7 +248,7 @@ def loads(text: str, filename: str = "<config>", base: Optional[Path] = None) ->
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{filename}: {e}") from None
-    unknown = sorted(set(doc) - {"tunnel", "sa", "policy", "xfrm"})
+    unknown = sorted(set(doc) - {"tunnel", "sa", "policy", "xfrm", "cluster"})
     if unknown:
         raise ConfigError(f"{filename}: unknown table or key '{unknown[0]}'")
     tunnel = _tunnel(doc["tunnel"], f"{filename}: [tunnel]") if "tunnel" in doc \
@@ -271,7 +272,12 @@ def loads(text: str, filename: str = "<config>", base: Optional[Path] = None) ->
                 raise ConfigError(f"{where}: expected a table")
             line = shlex.join(make(entry, where))
             commands.append(parse(line, where=where))
-    return Config(tunnel, commands)
+    cluster = None
+    if "cluster" in doc:
+        from .cluster.config import parse_cluster
+
+        cluster = parse_cluster(doc["cluster"], f"{filename}: [cluster]")
+    return Config(tunnel, commands, cluster)
 
 
 def load(path: Union[str, Path]) -> Config:
@@ -298,4 +304,4 @@ def override(cfg: Config, xfrm: Optional[Union[str, Path]] = None, **flags: Any)
         except OSError as e:
             raise ConfigError(f"{xfrm}: {e.strerror}") from None
     table = {k: v for k, v in table.items() if v is not None}
-    return Config(_tunnel(table, "command line"), commands)
+    return Config(_tunnel(table, "command line"), commands, cfg.cluster)

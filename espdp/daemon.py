@@ -89,6 +89,7 @@ class Daemon:
         self._cleanup: list = []
         self.guard: Optional[SequenceGuard] = None
         self._next_guard = 0.0
+        self.cluster: Any = None   # espdp.cluster.node.Cluster on a cluster node
 
     @property
     def name(self) -> str:
@@ -117,6 +118,15 @@ class Daemon:
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
         self.guard = SequenceGuard(os.path.join(state_dir, f"{self.name}.seq.json"))
         self.guard.attach(self.xfrm)   # before any packet: no sequence number used twice
+        if self.cfg.cluster is not None:   # espdp.cluster: read its secret before anything
+            if t.workers > 1:
+                # the segment filter and its sequence budget are per dataplane today
+                raise ConfigError("[cluster] with workers > 1 is not supported yet: "
+                                  "set workers = 1 on cluster nodes")
+            from .cluster.node import Cluster
+
+            self.cluster = Cluster(self.cfg.cluster, self.xfrm, self.clock)
+            self._cleanup.append(self.cluster.close)
         if t.tun is not None:
             removed = cleanup_stale(t.tun, state_dir)
             if any(removed.values()):
@@ -166,8 +176,13 @@ class Daemon:
                 self.net.exclude_peer(str(peer))  # before the routes that may cover it
             for route in t.route:
                 self.net.add_route(str(route.network))
-        self.control = ControlServer(t.control or default_control_path(self.name), self.xfrm,
-                                     {"status": self.status})
+        control_xfrm, handlers = self.xfrm, {"status": self.status}
+        if self.cluster is not None:  # espdp.cluster: segment filter, etcd agent, `cluster` op
+            self.cluster.attach(self.tunnel)
+            control_xfrm = self.cluster.replicating(self.xfrm)
+            handlers["cluster"] = self.cluster.status
+        self.control = ControlServer(t.control or default_control_path(self.name), control_xfrm,
+                                     handlers)
         self._cleanup.append(self.control.close)
         self.tunnel.watch(self.control, self.control.poll)
         self.tunnel.after_poll(self._check_guard)
@@ -257,6 +272,8 @@ class Daemon:
                                   for wdp in self.tunnel.dataplanes()]
         if self.control is not None:
             out["control_refused"] = self.control.refused
+        if self.cluster is not None:
+            out["cluster"] = self.cluster.summary(now)
         return out
 
 

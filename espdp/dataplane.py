@@ -115,6 +115,9 @@ class Dataplane:
         self._used: dict[int, Any] = {}        # engine SA index -> SA used for output
         self._idle: dict[int, int] = {}        # engine SA index -> oseq at the last check
         self._next_keepalive = 0.0
+        # espdp.cluster: on a cluster node, the SegmentFilter that keeps only this
+        # node's segments; called once per batch, before any crypto (None: all).
+        self.cluster_filter: Any = None
 
     # ------------------------------------------------------------ outbound
 
@@ -194,6 +197,8 @@ class Dataplane:
             self._icmp.clear()
 
     def _encrypt_and_send(self, batch: PacketBatch) -> None:
+        if self.cluster_filter is not None:  # espdp.cluster: SAs armed on this node only
+            self.cluster_filter.outbound(batch)
         # Slots without an SA come back from the engine as no_sa: they were counted.
         self.xfrm.sad.table.encrypt(batch, self.worker)
         n = batch.count
@@ -249,6 +254,11 @@ class Dataplane:
         if not sock.read_batch(batch):
             return 0
         self.counters.received += batch.count
+        if self.cluster_filter is not None:  # espdp.cluster: this node's segments only
+            received = batch.count
+            self.cluster_filter.inbound(batch)
+            if not batch.count:
+                return received
         n, top = batch.count, batch.headroom
         # The outer source (for MAPPING) may be overwritten by decryption in place.
         if (batch.offset[:n] == top).all():
@@ -320,6 +330,8 @@ class Dataplane:
             info = self.xfrm.sad.state_of(sa).info
             if oseq != sa.oseq or info.encap is None:
                 continue
+            if self.cluster_filter is not None and not self.cluster_filter.armed(sa):
+                continue  # espdp.cluster: the node that owns the peer sends them
             sock = self.sockets.get(info.dst.version)
             if sock is not None:
                 sock.send_keepalive((str(info.dst), info.encap.dport))

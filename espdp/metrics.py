@@ -14,7 +14,11 @@ tun_out, sent, received, injected), ``policy_drops_total{reason}`` (block,
 no_policy, acquire, inbound_policy...), ``no_sa_drops_total{reason}``,
 ``events_total{type}``; and the daemon's health: ``up``,
 ``uptime_seconds``, ``sas``, ``policies``, ``snapshot_age_seconds`` and
-``control_refused_total``.
+``control_refused_total``.  On a cluster node also ``cluster_forwarding{reason}``,
+``cluster_segments_owned``, ``cluster_members``, ``cluster_armed_sas``,
+``cluster_checkpoint_age_seconds``, ``cluster_checkpoint_writes_total``,
+``cluster_checkpoint_records_total``, ``cluster_takeovers_total`` and
+``cluster_drops_total{reason}``.
 """
 
 from __future__ import annotations
@@ -97,6 +101,39 @@ class TunnelCollector:
                                       "control connections refused (wrong uid)")
         refused.add_metric([], snap.get("control_refused", 0))
         yield refused
+        if snap.get("cluster"):
+            yield from _cluster_metrics(snap["cluster"])
+
+
+def _cluster_metrics(c: dict):
+    """espdp.cluster: whether this node forwards (and why not), its segments,
+    checkpoints and the takeovers seen in the cluster."""
+    forwarding = GaugeMetricFamily("espdp_cluster_forwarding",
+                                   "1 while this node forwards its segments; 0 when "
+                                   "stopped (reason label: why)", labels=["reason"])
+    forwarding.add_metric([c["reason"] or ""], 1 if c["forwarding"] else 0)
+    yield forwarding
+    for name, value, help_text in (
+            ("segments_owned", len(c["owned"]), "segments this node forwards"),
+            ("members", c["members"], "nodes with a live lease"),
+            ("armed_sas", c["armed"], "SAs whose sequence numbers this node may use"),
+            ("checkpoint_age_seconds", c["checkpoint_age"] if c["checkpoint_age"] is not None
+             else float("nan"), "since the last checkpoint etcd acknowledged")):
+        gauge = GaugeMetricFamily(f"espdp_cluster_{name}", help_text)
+        gauge.add_metric([], value)
+        yield gauge
+    for name, value, help_text in (
+            ("checkpoint_writes", c["checkpoint_writes"], "checkpoint transactions written"),
+            ("checkpoint_records", c["checkpoint_records"], "SA checkpoints written"),
+            ("takeovers", c["takeovers"], "segments taken over after a lease ended")):
+        counter = CounterMetricFamily(f"espdp_cluster_{name}", help_text)
+        counter.add_metric([], value)
+        yield counter
+    drops = CounterMetricFamily("espdp_cluster_drops", "packets not processed here, by "
+                                "reason", labels=["reason"])
+    for reason, n in c["drops"].items():
+        drops.add_metric([reason], n)
+    yield drops
 
 
 class MetricsServer:

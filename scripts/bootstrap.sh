@@ -16,6 +16,8 @@ DEBS=(libssl-dev pkg-config iproute2 tshark nftables iputils-ping conntrack)
 DEBS+=(qemu-system-x86 gcc libc6-dev linux-libc-dev cpio kmod)
 DEBS+=(ethtool strongswan-charon strongswan-swanctl libcharon-extra-plugins
        libstrongswan-standard-plugins)
+# The cluster tests start their own etcd; iptables compares with -m cluster.
+DEBS+=(etcd-server iptables)
 missing=()
 for pkg in "${DEBS[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
