@@ -291,7 +291,45 @@ def esp_packet(family: int, esp: bytes, *, encap: bool = False, **outer) -> byte
     return outer_ip(family, esp, proto=50, **outer)
 
 
+# ---------------------------------------------------------------- damaged packets
+
+def with_lengths(packet: bytes, n: int) -> bytes:
+    """The first n bytes, with the IP (and UDP) length fields saying n."""
+    lay = layout(packet)
+    p = bytearray(packet[:n])
+    if lay.family == 4:
+        p[2:4] = n.to_bytes(2, "big")
+    else:
+        p[4:6] = (n - 40).to_bytes(2, "big")
+    if lay.udp is not None:
+        p[lay.udp + 4:lay.udp + 6] = (n - lay.udp).to_bytes(2, "big")
+    return bytes(p)
+
+
+def ipv6_with_headers(packet: bytes, headers: list[tuple[int, bytes]]) -> bytes:
+    """Insert extension headers (type, body of 6 + 8k bytes) after the IPv6 header."""
+    nh = packet[6]
+    chain = b""
+    types = [t for t, _ in headers]
+    for i, (_, body) in enumerate(headers):
+        nxt = types[i + 1] if i + 1 < len(types) else nh
+        chain += bytes([nxt, (len(body) + 2) // 8 - 1]) + body
+    p = bytearray(packet[:40]) + chain + packet[40:]
+    p[6] = types[0]
+    p[4:6] = (len(p) - 40).to_bytes(2, "big")
+    return bytes(p)
+
+
 # ---------------------------------------------------------------- counters
+
+def decrypt_all(table, packets, slot: int = 2048):
+    """Decrypt ``packets`` in one batch: ``([(verdict, inner, mark)], [flags], ok count)``."""
+    batch = PacketBatch(len(packets), slot, 0)
+    for p in packets:
+        batch.add(p)
+    ok = table.decrypt(batch)
+    return [batch.result(i) for i in range(len(packets))], [int(f) for f in batch.flags], ok
+
 
 def drops_total(*stats_dicts) -> int:
     """Sum of drop counters: SA ``stats()['drops']`` or table ``stats()`` dicts."""
