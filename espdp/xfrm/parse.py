@@ -295,8 +295,20 @@ def _h_algo(words: Words, keyword: str, f: dict) -> None:
         raise words.error(f"'{keyword}': unknown algorithm {show(name)} "
                           f"(known: {known})") from None
     key = read_key(words, keyword)
-    bits = read_number(words, keyword, what=bits_what) if bits_what else alg.default_icv_bits
+    bits = _read_bits(words, keyword, bits_what) if bits_what else alg.default_icv_bits
     f[kind] = AlgoKey(alg.name, key, bits)
+
+
+def _read_bits(words: Words, keyword: str, what: str) -> int:
+    """The ICV or truncation length after a key.  The word is never shown: when it
+    is not a number, key and length were most likely swapped and it is the key
+    (a text key is not key-like enough for :func:`show` to hide it)."""
+    word = words.value(keyword, what)
+    value = parse_int(word)
+    if value is None or value >> 32:
+        raise words.error(f"'{keyword}': expected {what} after the key, got something "
+                          "else (not shown: it may be a key)")
+    return value
 
 
 def _unsupported(reason: str) -> Handler:
