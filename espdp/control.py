@@ -77,7 +77,7 @@ class ControlSession:
     def _answer(self, line: bytes, now: float) -> bytes:
         try:
             request = json.loads(line)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # deep nesting: the last
             return _line({"ok": False, "error": "not a JSON object"})
         if not isinstance(request, dict):
             return _line({"ok": False, "error": "not a JSON object"})

@@ -55,6 +55,8 @@ def test_kernel_errors_carry_their_errno_and_keep_the_connection():
     (b'{"op": "frobnicate"}\n', "unknown op"),
     (b'{"op": "xfrm"}\n', "needs a 'line'"),
     (b'{"op": "xfrm", "line": "ip xfrm state add src 1.2.3.4"}\n', "<xfrm>:1"),
+    (b"[" * 60000 + b"\n", "not a JSON object"),                  # was a RecursionError
+    (b'{"op": "status", "x": ' + b'{"a": ' * 30000 + b"\n", "not a JSON object"),
 ])
 def test_malformed_requests_get_an_error_answer(raw, message):
     s = ControlSession(Xfrm())
