@@ -141,11 +141,16 @@ class ControlServer:
         self.refused = 0
         if os.path.exists(path):
             _remove_stale(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)  # the socket is created 0600: no window with wider rights
         try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
             self._listener.bind(path)
+        except OSError as e:
+            self._listener.close()
+            why = "a path in it is not a directory" if isinstance(e, FileExistsError) \
+                else e.strerror
+            raise ConfigError(f"control socket {path}: {why}") from None
         finally:
             os.umask(old)
         os.chmod(path, 0o600)

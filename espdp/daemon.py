@@ -106,7 +106,11 @@ class Daemon:
         from .netsetup import NetSetup, cleanup_stale
 
         state_dir = t.state_dir or runtime_dir()
-        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        try:
+            os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        except OSError as e:
+            why = "not a directory" if isinstance(e, FileExistsError) else e.strerror
+            raise ConfigError(f"state_dir {state_dir}: {why}") from None
         self.guard = SequenceGuard(os.path.join(state_dir, f"{self.name}.seq.json"))
         self.guard.attach(self.xfrm)   # before any packet: no sequence number used twice
         if t.tun is not None:
