@@ -54,14 +54,20 @@ class ControlSession:
         """Feed bytes from the client; the bytes to send back."""
         self._buffer += data
         out = []
-        while b"\n" in self._buffer:
+        while b"\n" in self._buffer and not self.closed:
             line, self._buffer = self._buffer.split(b"\n", 1)
-            if line.strip():
+            if len(line) > MAX_LINE:
+                self._too_long(out)
+            elif line.strip():
                 out.append(self._answer(line, now))
-        if len(self._buffer) > MAX_LINE:
-            out.append(_line({"ok": False, "error": f"request longer than {MAX_LINE} bytes"}))
-            self.close()
+        if len(self._buffer) > MAX_LINE and not self.closed:
+            self._too_long(out)
         return b"".join(out)
+
+    def _too_long(self, out: list) -> None:
+        out.append(_line({"ok": False, "error": f"request longer than {MAX_LINE} bytes"}))
+        self._buffer = b""
+        self.close()
 
     def take_events(self) -> bytes:
         """Event lines for a monitoring client, since the last call."""
