@@ -13,11 +13,14 @@ Terms used by the tests:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import ipaddress
 import os
 import struct
+import threading
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -352,3 +355,24 @@ def encrypt_flags(sa: SA, packet: bytes, mark: int = 0):
     sa.encrypt(batch)
     verdict, outer, mark = batch.result(0)
     return verdict, outer, mark, int(batch.flags[0])
+
+
+# ---------------------------------------------------------------- control socket
+
+@contextlib.contextmanager
+def serve_control(path: str, xfrm, handlers: Optional[dict] = None):
+    """A :class:`espdp.control.ControlServer` on ``xfrm`` at ``path``, polled by a
+    thread (as the daemon's loop would) until the block ends; yields the path."""
+    from espdp.control import ControlServer
+
+    server = ControlServer(path, xfrm, handlers)
+    stop = threading.Event()
+    thread = threading.Thread(target=lambda: [server.poll(time.monotonic(), 0.05)
+                                              for _ in iter(stop.is_set, True)])
+    thread.start()
+    try:
+        yield server.path
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
