@@ -12,7 +12,8 @@
     espdp lab [--mbytes N] [--json]     two namespaces, two daemons, traffic, a summary (root)
 
 Exit status: 0 when the work was done (dropped packets are reported, not
-fatal), 2 with a one-line message for bad arguments or a bad file.
+fatal), 2 with a one-line message for bad arguments or a bad file, 1 when a
+running tunnel had to stop (its TUN device was removed; the log says why).
 """
 
 from __future__ import annotations

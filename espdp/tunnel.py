@@ -154,7 +154,8 @@ class Tunnel:
 
     def poll(self, timeout: float = 0.0) -> int:
         """Serve what is readable (waiting up to ``timeout`` seconds) and run the
-        timers when due; the number of packets handled."""
+        timers when due; the number of packets handled.  Raises
+        :class:`~espdp.errors.FatalError` when the TUN device went away."""
         done = 0
         for key, _ in self._selector_for().select(timeout):
             done += key.data(self.clock()) or 0
