@@ -66,3 +66,36 @@ def test_unreadable_file_stops_the_start(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ConfigError, match="unreadable sequence reservations"):
         SequenceGuard(str(path))
+
+
+def test_a_reservation_that_cannot_be_written_stops_the_sa_and_the_checks(tmp_path,
+                                                                          monkeypatch):
+    # A full disk used to leave an SA added at run time live with a reservation
+    # only in memory: the model swallows a failing listener, the next check saw
+    # nothing due, and a restart could reuse its sequence numbers.
+    import errno
+
+    from espdp.errors import FatalError
+
+    path = tmp_path / "g.json"
+    x = Xfrm()
+    guard = SequenceGuard(str(path), jump=100)
+    guard.attach(x)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    x.execute(SA, 0)                      # as the control socket would: no exception here
+    sa = x.sad.table[0]
+    assert sa.dead and sa.encrypt_packet(bytes(20))[0] == "no_sa"
+    assert not path.exists()              # nothing reserved on disk: nothing sent
+    with pytest.raises(FatalError, match="cannot write the sequence reservations"):
+        guard.check()
+    with pytest.raises(FatalError):
+        guard.check()
+    monkeypatch.undo()
+    y = Xfrm()
+    y.execute(SA, 0)
+    with pytest.raises(FatalError):       # at start: refused before anything is sent
+        SequenceGuard(str(tmp_path / "ro" / "g.json")).attach(y)
