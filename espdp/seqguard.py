@@ -73,6 +73,8 @@ class SequenceGuard:
         written the SA is killed (it sends nothing under a number not on disk)
         and :class:`FatalError` raised, now and by every later :meth:`check`."""
         key = sa_id(info)
+        if self._live.get(key) is engine:
+            return      # an update of an SA already protected: its counter is covered
         start = self.reserved.get(key, 0)
         if engine.oseq < start:
             engine.oseq = start

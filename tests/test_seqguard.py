@@ -99,3 +99,18 @@ def test_a_reservation_that_cannot_be_written_stops_the_sa_and_the_checks(tmp_pa
     y.execute(SA, 0)
     with pytest.raises(FatalError):       # at start: refused before anything is sent
         SequenceGuard(str(tmp_path / "ro" / "g.json")).attach(y)
+
+
+def test_an_update_of_a_live_sa_does_not_move_its_counter(tmp_path):
+    # Each UPDSA (new lifetimes, NAT ports ...) used to jump the SA's counter by a
+    # whole reservation (4 Mi numbers): after ~1000 updates a 32-bit SA was spent.
+    x = Xfrm()
+    SequenceGuard(str(tmp_path / "g.json"), jump=1000).attach(x)
+    x.execute(SA, 0)
+    sa = x.sad.table[0]
+    sa.oseq = 10                               # as if it had sent ten packets
+    for soft in range(100, 105):
+        x.execute(SA.replace("state add", "state update") + f" limit time-soft {soft}", 0)
+    assert sa.oseq == 10
+    reserved = json.loads((tmp_path / "g.json").read_text())["reserved"]
+    assert list(reserved.values()) == [1000]
