@@ -15,7 +15,10 @@ use it.  :meth:`SequenceGuard.check`, called from the daemon's loop, writes
 the next reservation when the counter gets within a quarter of ``jump`` of
 the current one.  A restart therefore skips at most ``jump`` sequence
 numbers of the 2^32 (2^64 with ESN) and never repeats one.  The peer sees a
-jump forward, which its replay window accepts.
+jump forward, which its replay window accepts.  The reservation of an SA
+that is deleted without having sent anything goes back to where it started
+(it is dropped when that was 0: inbound SAs, SAs that came and went), so
+the file holds live SAs and SAs that sent, not every SA ever added.
 
 It relies on the loop checking more often than ``jump / 4`` packets go
 out (1 M packets by default: seconds at line rate; the daemon's loop checks
@@ -56,6 +59,7 @@ class SequenceGuard:
         self.jump = jump
         self.reserved: dict[str, int] = {}   # what is on disk
         self._live: dict[str, Any] = {}     # sa id -> engine SA
+        self._start: dict[str, tuple] = {}  # sa id -> (engine SA, its counter when protected)
         self.failed: Optional[FatalError] = None
         try:
             with open(path) as f:
@@ -84,6 +88,7 @@ class SequenceGuard:
             engine.kill()
             raise self._fail(e) from None
         self._live[key] = engine
+        self._start[key] = (engine, engine.oseq)
 
     def check(self) -> None:
         """Reserve further for every SA within a quarter jump of its reservation;
@@ -95,6 +100,16 @@ class SequenceGuard:
         for key, engine in list(self._live.items()):
             if engine.dead:
                 del self._live[key]
+                started, start = self._start.pop(key)
+                if started is engine and engine.oseq == start:
+                    # It sent nothing: no number above ``start`` was used under its key,
+                    # so its reservation goes back to ``start`` (or goes: an inbound SA,
+                    # an SA of churn), and the file does not grow with every SA ever seen.
+                    if start:
+                        pending[key] = start
+                    else:
+                        pending.pop(key, None)
+                    due = True
                 continue
             if engine.oseq + self.jump // 4 > pending.get(key, 0):
                 pending[key] = engine.oseq + self.jump

@@ -163,13 +163,18 @@ SA_LINE = (f"state add src 192.0.2.1 dst 192.0.2.2 proto esp spi 0x4242 reqid 1 
            f"aead 'rfc4106(gcm(aes))' {KEY} 128")
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+DEL_LINE = "state delete src 192.0.2.1 dst 192.0.2.2 proto esp spi 0x4242"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(jump=st.integers(8, 512), data=st.data())
 def test_a_restarted_daemon_never_reuses_a_sequence_number(tmp_path_factory, jump, data):
     """Each lifetime: the SA from the configuration (before the guard is attached)
     or added later through the model (after it, as an IKE daemon re-adds it);
-    batches of at most jump/4 packets, the guard checked after each batch as the
-    daemon's loop does; then a crash right after a batch left, before its check."""
+    then steps: a batch of at most jump/4 packets, or the SA deleted (whether
+    it sent or not) and added again with the same key, each followed by the
+    guard's check as the daemon's loop does it; then a crash right after the
+    last step, before any further check."""
     path = tmp_path_factory.mktemp("seq") / "esp0.seq.json"
     seen: list[int] = []
     for _ in range(data.draw(st.integers(2, 5), label="lifetimes")):
@@ -181,13 +186,18 @@ def test_a_restarted_daemon_never_reuses_a_sequence_number(tmp_path_factory, jum
         guard.attach(x)
         if not from_config:
             x.execute(SA_LINE, 0)
-        sa = x.sad.table[0]
-        sizes = data.draw(st.lists(st.integers(1, max(1, jump // 4)), max_size=12),
-                          label="batches")
-        for size in sizes:
-            packets, other = encrypt_batches(sa, [size], via_table=False)
-            assert other == []
-            seen += [_gcm_nonce(p) for p in packets]
+        steps = data.draw(st.lists(st.one_of(st.integers(1, max(1, jump // 4)),
+                                             st.just("re-add")), max_size=12), label="steps")
+        for step in steps:
+            if step == "re-add":
+                x.execute(DEL_LINE, 0)
+                guard.check()
+                x.execute(SA_LINE, 0)
+            else:
+                [sa] = x.sad.table
+                packets, other = encrypt_batches(sa, [step], via_table=False)
+                assert other == []
+                seen += [_gcm_nonce(p) for p in packets]
             guard.check()
         # crash: whatever the last check reserved is all the next run knows
     assert len(seen) == len(set(seen)), "a sequence number was used twice"
