@@ -13,7 +13,8 @@
     espdp lab [--mbytes N] [--json]     two namespaces, two daemons, traffic, a summary (root)
 
 Exit status: 0 when the work was done (dropped packets are reported, not
-fatal), 2 with a one-line message for bad arguments or a bad file.
+fatal), 2 with a one-line message for bad arguments or a bad file, 1 when a
+running tunnel had to stop (its TUN device was removed; the log says why).
 """
 
 from __future__ import annotations
@@ -230,7 +231,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps the interpreter quiet at exit
         return 0
     except OSError as e:
-        print(f"espdp: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"espdp: {where}{e.strerror or e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

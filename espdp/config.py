@@ -248,6 +248,8 @@ def loads(text: str, filename: str = "<config>", base: Optional[Path] = None) ->
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{filename}: {e}") from None
+    except RecursionError:  # tomllib recurses once per level of [[...]] or {{...}}
+        raise ConfigError(f"{filename}: arrays or tables nested too deeply") from None
     unknown = sorted(set(doc) - {"tunnel", "sa", "policy", "xfrm", "cluster"})
     if unknown:
         raise ConfigError(f"{filename}: unknown table or key '{unknown[0]}'")
@@ -258,9 +260,10 @@ def loads(text: str, filename: str = "<config>", base: Optional[Path] = None) ->
     if xfrm is not None:
         path = (base or Path(".")) / str(xfrm)
         try:
-            commands += parse_xfrm_file(path.read_text(), str(path))
-        except OSError as e:
-            raise ConfigError(f"{filename}: xfrm = {str(xfrm)!r}: {e.strerror}") from None
+            text = read_text(path)
+        except ConfigError as e:
+            raise ConfigError(f"{filename}: xfrm = {str(xfrm)!r}: {e}") from None
+        commands += parse_xfrm_file(text, str(path))
     for kind, make, parse in (("sa", _sa_words, parse_state),
                               ("policy", _policy_words, parse_policy)):
         entries = doc.get(kind, [])
@@ -280,13 +283,24 @@ def loads(text: str, filename: str = "<config>", base: Optional[Path] = None) ->
     return Config(tunnel, commands, cluster)
 
 
-def load(path: Union[str, Path]) -> Config:
-    path = Path(path)
+def read_text(path: Union[str, Path]) -> str:
+    """The text of a configuration file (TOML, ``ip xfrm``), which must be UTF-8;
+    a :class:`ConfigError` naming the file (and the line) otherwise.  The
+    offending bytes are not shown: the file may hold keys."""
     try:
-        text = path.read_text()
+        data = Path(path).read_bytes()
     except OSError as e:
         raise ConfigError(f"{path}: {e.strerror}") from None
-    return loads(text, str(path), path.parent)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text") from None
+
+
+def load(path: Union[str, Path]) -> Config:
+    path = Path(path)
+    return loads(read_text(path), str(path), path.parent)
 
 
 def override(cfg: Config, xfrm: Optional[Union[str, Path]] = None, **flags: Any) -> Config:
@@ -299,9 +313,6 @@ def override(cfg: Config, xfrm: Optional[Union[str, Path]] = None, **flags: Any)
     table.update({k: v for k, v in flags.items() if v is not None})
     commands = list(cfg.commands)
     if xfrm is not None:
-        try:
-            commands += parse_xfrm_file(Path(xfrm).read_text(), str(xfrm))
-        except OSError as e:
-            raise ConfigError(f"{xfrm}: {e.strerror}") from None
+        commands += parse_xfrm_file(read_text(xfrm), str(xfrm))
     table = {k: v for k, v in table.items() if v is not None}
     return Config(_tunnel(table, "command line"), commands, cfg.cluster)

@@ -54,14 +54,20 @@ class ControlSession:
         """Feed bytes from the client; the bytes to send back."""
         self._buffer += data
         out = []
-        while b"\n" in self._buffer:
+        while b"\n" in self._buffer and not self.closed:
             line, self._buffer = self._buffer.split(b"\n", 1)
-            if line.strip():
+            if len(line) > MAX_LINE:
+                self._too_long(out)
+            elif line.strip():
                 out.append(self._answer(line, now))
-        if len(self._buffer) > MAX_LINE:
-            out.append(_line({"ok": False, "error": f"request longer than {MAX_LINE} bytes"}))
-            self.close()
+        if len(self._buffer) > MAX_LINE and not self.closed:
+            self._too_long(out)
         return b"".join(out)
+
+    def _too_long(self, out: list) -> None:
+        out.append(_line({"ok": False, "error": f"request longer than {MAX_LINE} bytes"}))
+        self._buffer = b""
+        self.close()
 
     def take_events(self) -> bytes:
         """Event lines for a monitoring client, since the last call."""
@@ -77,7 +83,7 @@ class ControlSession:
     def _answer(self, line: bytes, now: float) -> bytes:
         try:
             request = json.loads(line)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # deep nesting: the last
             return _line({"ok": False, "error": "not a JSON object"})
         if not isinstance(request, dict):
             return _line({"ok": False, "error": "not a JSON object"})
@@ -141,11 +147,16 @@ class ControlServer:
         self.refused = 0
         if os.path.exists(path):
             _remove_stale(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)  # the socket is created 0600: no window with wider rights
         try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
             self._listener.bind(path)
+        except OSError as e:
+            self._listener.close()
+            why = "a path in it is not a directory" if isinstance(e, FileExistsError) \
+                else e.strerror
+            raise ConfigError(f"control socket {path}: {why}") from None
         finally:
             os.umask(old)
         os.chmod(path, 0o600)

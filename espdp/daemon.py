@@ -18,7 +18,9 @@ in an order that never leaves it half-configured:
 
 A failure at any step undoes the steps before it.  SIGTERM and SIGINT stop
 the loop; :meth:`Daemon.close` then removes routes, addresses, the TUN and
-the control socket.
+the control socket.  So does a :class:`~espdp.errors.FatalError` from the
+loop (the TUN device removed under the daemon), after which ``espdp run``
+exits 1 with the reason.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Any, Optional
 from . import pmtu
 from .config import Config
 from .control import ControlServer
-from .errors import ConfigError, XfrmError
+from .errors import ConfigError, FatalError, XfrmError
 from .io.tun import Tun
 from .seqguard import SequenceGuard
 from .tunnel import Tunnel
@@ -115,7 +117,11 @@ class Daemon:
         from .netsetup import NetSetup, cleanup_stale
 
         state_dir = t.state_dir or runtime_dir()
-        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        try:
+            os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        except OSError as e:
+            why = "not a directory" if isinstance(e, FileExistsError) else e.strerror
+            raise ConfigError(f"state_dir {state_dir}: {why}") from None
         self.guard = SequenceGuard(os.path.join(state_dir, f"{self.name}.seq.json"))
         self.guard.attach(self.xfrm)   # before any packet: no sequence number used twice
         if self.cfg.cluster is not None:   # espdp.cluster: read its secret before anything
@@ -278,12 +284,19 @@ class Daemon:
 
 
 def run(cfg: Config) -> int:
-    """``espdp run``: start, serve until a signal, clean up."""
+    """``espdp run``: start, serve until a signal, clean up.  0 after a signal; 1
+    when the tunnel could not go on (:class:`FatalError`, e.g. its TUN device
+    was removed: without it nothing can be carried, so the daemon says why,
+    removes what it made and leaves restarting to its supervisor)."""
     daemon = Daemon(cfg)
     daemon.start()
+    code = 0
     try:
         daemon.serve()
+    except FatalError as e:
+        logger.error("%s: stopping", e)
+        code = 1
     finally:
         daemon.close()
         logger.info("stopped; routes, addresses and devices removed")
-    return 0
+    return code

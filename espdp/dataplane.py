@@ -29,6 +29,7 @@ engine, a batch at a time.  Moving the per-packet decisions into the engine
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import logging
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ import numpy as np
 from . import pmtu
 from ._flow import FLAG_ACCEPTED, FlowCache, InboundCache
 from .engine import FLAG_MAPPING, VERDICTS, PacketBatch
+from .errors import FatalError
 from .xfrm.policy import flow_key, flow_of_packet
 
 logger = logging.getLogger(__name__)
@@ -47,6 +49,8 @@ BATCH = 64
 FLOW_CACHE = 4096   # flows remembered per direction
 SLOT = 2048 + 256
 IPPROTO_UDP = 17
+# What reading a TUN fd says once its device was deleted (ip link del): EBADFD.
+TUN_GONE = (errno.EBADFD, errno.ENODEV, errno.ENXIO)
 
 
 @dataclass
@@ -122,11 +126,18 @@ class Dataplane:
     # ------------------------------------------------------------ outbound
 
     def handle_tun(self, now: float) -> int:
-        """Read a batch from the TUN, encrypt what the policies say, send it."""
+        """Read a batch from the TUN, encrypt what the policies say, send it.
+        :class:`~espdp.errors.FatalError` when the TUN device is gone."""
         batch = self._out
         batch.clear()
-        if not self.tun.read_batch(batch):
-            return 0
+        try:
+            if not self.tun.read_batch(batch):
+                return 0
+        except OSError as e:
+            if e.errno in TUN_GONE:
+                name = getattr(self.tun, "name", None) or "device"
+                raise FatalError(f"tun {name}: the device went away ({e.strerror})") from None
+            raise
         self.counters.tun_in += batch.count
         # Flows decided before (in this SAD/SPD generation) get their SA in C; the
         # rest are decided here and remembered.

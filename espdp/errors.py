@@ -6,6 +6,8 @@
   a person.  Messages never contain key material.
 * :class:`XfrmError` -- an XFRM operation failed the way the kernel's would
   (``EEXIST``, ``ESRCH``, ``EINVAL``); it carries the errno name.
+* :class:`FatalError` -- a running tunnel cannot go on (its TUN device was
+  removed): ``espdp run`` says why, cleans up and exits 1.
 
 Bad packets are *remote* input and never raise: the engine counts and drops
 them and reports a verdict per packet (see :mod:`espdp.engine`).
@@ -31,3 +33,7 @@ class XfrmError(ConfigError):
 
     def __str__(self) -> str:
         return f"{self.errno}: {self.args[0]}"
+
+
+class FatalError(EspdpError):
+    """A running tunnel cannot go on; the message says why (never with a key)."""

@@ -220,17 +220,19 @@ class Lab:
         return proc.returncode == 0
 
     def transfer(self, client: str, server: str, addr: str, nbytes: int,
-                 port: int = 5201) -> dict:
+                 port: int = 5201, seconds: float = 0, timeout: float = 120) -> dict:
         """Send ``nbytes`` of random data over TCP from ``client`` to ``addr`` (in
-        ``server``); the receiver's SHA-256 must match.  Returns seconds and Mbit/s."""
+        ``server``); the receiver's SHA-256 must match.  ``seconds``: spread the
+        sending over at least that long (a stream that outlasts a fault).  Returns
+        seconds and Mbit/s."""
         srv = subprocess.Popen(["ip", "netns", "exec", self.ns[server], sys.executable, "-c",
-                                _SERVER, addr, str(port)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                                _SERVER, addr, str(port), str(timeout)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             if srv.stdout.readline().strip() != "ready":
                 raise LabError(f"TCP server on {addr}: {srv.stderr.read()}")
-            out = sh(sys.executable, "-c", _CLIENT, addr, str(port), str(nbytes),
-                     ns=self.ns[client], timeout=120).stdout.split()
+            out = sh(sys.executable, "-c", _CLIENT, addr, str(port), str(nbytes), str(seconds),
+                     str(timeout), ns=self.ns[client], timeout=timeout + 30).stdout.split()
             got = srv.stdout.readline().split()
             srv.wait(10)
         finally:
@@ -248,9 +250,9 @@ import hashlib, socket, sys
 fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
 s = socket.socket(fam, socket.SOCK_STREAM)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(1); s.settimeout(60)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(1); s.settimeout(float(sys.argv[3]))
 print("ready", flush=True)
-c, _ = s.accept(); h = hashlib.sha256(); n = 0
+c, _ = s.accept(); c.settimeout(float(sys.argv[3])); h = hashlib.sha256(); n = 0
 while True:
     d = c.recv(1 << 16)
     if not d: break
@@ -260,12 +262,14 @@ print(h.hexdigest(), n, flush=True)
 
 _CLIENT = r"""
 import hashlib, os, socket, sys, time
-addr, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+addr, port, n, spread = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 block = os.urandom(1 << 16); h = hashlib.sha256()
-s = socket.create_connection((addr, port), timeout=30)
+s = socket.create_connection((addr, port), timeout=float(sys.argv[5]))
 t = time.perf_counter(); left = n
 while left:
     d = block[:min(left, len(block))]; s.sendall(d); h.update(d); left -= len(d)
+    if spread:  # at least ``spread`` seconds in all
+        time.sleep(max(0.0, t + spread * (n - left) / n - time.perf_counter()))
 s.shutdown(socket.SHUT_WR)
 s.recv(1)
 print(h.hexdigest(), time.perf_counter() - t)

@@ -311,6 +311,8 @@ class PcapWriter:
     A path is created (truncated) and closed by :meth:`close`; a file object
     is flushed but left open.  Packets over ``snaplen`` are cut, their
     original length recorded.  ``count`` is the number of packets written.
+    A write that fails (a full disk) is a :class:`ConfigError` naming the
+    file; what was written stays.
     """
 
     def __init__(self, target: PathOrFile, linktype: int = LINKTYPE_RAW,
@@ -319,6 +321,7 @@ class PcapWriter:
             raise ConfigError(f"snaplen {snaplen} is out of range")
         self.linktype, self.snaplen, self.count = linktype, snaplen, 0
         self._own = isinstance(target, (str, os.PathLike))
+        self.name = str(target) if self._own else str(getattr(target, "name", "<capture>"))
         if self._own:
             try:
                 self._f: Optional[BinaryIO] = open(target, "wb")
@@ -326,7 +329,23 @@ class PcapWriter:
                 raise ConfigError(f"{target}: {e.strerror}") from None
         else:
             self._f = target  # type: ignore[assignment]
-        self._f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, snaplen, linktype))
+        try:
+            self._f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, snaplen, linktype))
+        except OSError as e:
+            self._abandon()
+            raise self._failed(e) from None
+
+    def _failed(self, e: OSError) -> ConfigError:
+        return ConfigError(f"{self.name}: {e.strerror or e} (the capture written so far "
+                           "is incomplete)")
+
+    def _abandon(self) -> None:
+        f, self._f = self._f, None
+        if self._own and f is not None:
+            try:
+                f.close()       # flushes once more, fails the same way: it is closed anyway
+            except OSError:
+                pass
 
     def write(self, packet: bytes, timestamp: Optional[float] = None) -> None:
         """Append one packet; ``timestamp`` in seconds since the epoch, default now."""
@@ -339,24 +358,36 @@ class PcapWriter:
         sec, usec = divmod(usec_total, 1_000_000)
         length = len(packet)
         caplen = min(length, self.snaplen)
-        self._f.write(struct.pack("<IIII", sec, usec, caplen, length))
-        self._f.write(packet if caplen == length else packet[:caplen])
+        try:
+            self._f.write(struct.pack("<IIII", sec, usec, caplen, length))
+            self._f.write(packet if caplen == length else packet[:caplen])
+        except OSError as e:
+            self._abandon()
+            raise self._failed(e) from None
         self.count += 1
 
     def close(self) -> None:
         """Flush, and close the file if this writer opened it (idempotent)."""
         if self._f is None:
             return
+        try:
+            self._f.flush()
+        except OSError as e:
+            self._abandon()
+            raise self._failed(e) from None
         f, self._f = self._f, None
-        f.flush()
         if self._own:
             f.close()
 
     def __enter__(self) -> PcapWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        try:
+            self.close()
+        except ConfigError:
+            if exc_type is None:   # else the error on its way out says it already
+                raise
 
 
 # ---- Wireshark esp_sa ----------------------------------------------------------

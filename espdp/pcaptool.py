@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import pcap
+from .config import read_text
 from .engine import SA, VERDICTS, PacketBatch, SATable
 from .errors import ConfigError, XfrmError
 from .xfrm._syntax import logical_lines
@@ -49,10 +50,7 @@ class Report:
 
 def load_xfrm(path: Path) -> Xfrm:
     """An XFRM model holding the SAs and policies of an ``ip xfrm`` file."""
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise ConfigError(f"{path}: {e.strerror}") from None
+    text = read_text(path)
     parse_xfrm_file(text, str(path))  # every syntax error, with its line, before acting
     model = Xfrm()
     for lineno, line in logical_lines(text):

@@ -15,12 +15,18 @@ use it.  :meth:`SequenceGuard.check`, called from the daemon's loop, writes
 the next reservation when the counter gets within a quarter of ``jump`` of
 the current one.  A restart therefore skips at most ``jump`` sequence
 numbers of the 2^32 (2^64 with ESN) and never repeats one.  The peer sees a
-jump forward, which its replay window accepts.
+jump forward, which its replay window accepts.  The reservation of an SA
+that is deleted without having sent anything goes back to where it started
+(it is dropped when that was 0: inbound SAs, SAs that came and went), so
+the file holds live SAs and SAs that sent, not every SA ever added.
 
-It relies on the loop checking more often than ``jump * 3/4`` packets go
-out (4 M packets by default: seconds at line rate; the loop checks each
-round); it does not protect against a state directory that is lost or
+It relies on the loop checking more often than ``jump / 4`` packets go
+out (1 M packets by default: seconds at line rate; the daemon's loop checks
+every 0.1 s); it does not protect against a state directory that is lost or
 copied to another machine (the cluster issue checkpoints to etcd instead).
+A reservation that cannot be written (a full disk) is fatal: the SA it was
+for sends nothing, and :meth:`SequenceGuard.check` raises
+:class:`~espdp.errors.FatalError` from then on, which stops ``espdp run``.
 """
 
 from __future__ import annotations
@@ -28,9 +34,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any
+from typing import Any, Optional
 
-from .errors import ConfigError
+from .errors import ConfigError, FatalError
 
 JUMP = 1 << 22
 
@@ -51,8 +57,10 @@ class SequenceGuard:
     def __init__(self, path: str, jump: int = JUMP) -> None:
         self.path = path
         self.jump = jump
-        self.reserved: dict[str, int] = {}
+        self.reserved: dict[str, int] = {}   # what is on disk
         self._live: dict[str, Any] = {}     # sa id -> engine SA
+        self._start: dict[str, tuple] = {}  # sa id -> (engine SA, its counter when protected)
+        self.failed: Optional[FatalError] = None
         try:
             with open(path) as f:
                 data = json.load(f)
@@ -65,37 +73,71 @@ class SequenceGuard:
 
     def protect(self, info: Any, engine: Any) -> None:
         """Start ``engine``'s outbound counter past anything a previous run may have
-        used, and reserve ahead before it sends."""
+        used, and reserve ahead before it sends.  When the reservation cannot be
+        written the SA is killed (it sends nothing under a number not on disk)
+        and :class:`FatalError` raised, now and by every later :meth:`check`."""
         key = sa_id(info)
+        if self._live.get(key) is engine:
+            return      # an update of an SA already protected: its counter is covered
         start = self.reserved.get(key, 0)
         if engine.oseq < start:
             engine.oseq = start
+        try:
+            self._reserve(key, engine.oseq + self.jump)
+        except OSError as e:
+            engine.kill()
+            raise self._fail(e) from None
         self._live[key] = engine
-        self._reserve(key, engine.oseq + self.jump)
+        self._start[key] = (engine, engine.oseq)
 
     def check(self) -> None:
-        """Reserve further for every SA within a quarter jump of its reservation."""
+        """Reserve further for every SA within a quarter jump of its reservation;
+        :class:`FatalError` when a reservation could not be written."""
+        if self.failed is not None:
+            raise self.failed
+        pending = dict(self.reserved)
         due = False
         for key, engine in list(self._live.items()):
             if engine.dead:
                 del self._live[key]
+                started, start = self._start.pop(key)
+                if started is engine and engine.oseq == start:
+                    # It sent nothing: no number above ``start`` was used under its key,
+                    # so its reservation goes back to ``start`` (or goes: an inbound SA,
+                    # an SA of churn), and the file does not grow with every SA ever seen.
+                    if start:
+                        pending[key] = start
+                    else:
+                        pending.pop(key, None)
+                    due = True
                 continue
-            if engine.oseq + self.jump // 4 > self.reserved.get(key, 0):
-                self.reserved[key] = engine.oseq + self.jump
+            if engine.oseq + self.jump // 4 > pending.get(key, 0):
+                pending[key] = engine.oseq + self.jump
                 due = True
         if due:
-            self._write()
+            try:
+                self._write(pending)
+            except OSError as e:
+                raise self._fail(e) from None
+            self.reserved = pending
 
     def _reserve(self, key: str, value: int) -> None:
         if value > self.reserved.get(key, 0):
-            self.reserved[key] = value
-            self._write()
+            pending = {**self.reserved, key: value}
+            self._write(pending)           # on disk first: memory never runs ahead of it
+            self.reserved = pending
 
-    def _write(self) -> None:
+    def _fail(self, e: OSError) -> FatalError:
+        self.failed = FatalError(f"{self.path}: cannot write the sequence reservations "
+                                 f"({e.strerror or e}); sending on could repeat a nonce "
+                                 "after a restart")
+        return self.failed
+
+    def _write(self, reserved: dict) -> None:
         tmp = f"{self.path}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump({"reserved": self.reserved}, f)
+            json.dump({"reserved": reserved}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
@@ -109,6 +151,9 @@ class SequenceGuard:
         def on_sa(event: Any) -> None:
             st = event.ref
             if event.action in ("newsa", "updsa") and st is not None and st.engine is not None:
-                self.protect(st.info, st.engine)
+                try:
+                    self.protect(st.info, st.engine)
+                except FatalError:
+                    pass    # the SA is dead; the loop's next check() raises it
 
         xfrm.subscribe(on_sa, ["sa"])

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
 from .dataplane import Dataplane
-from .errors import ConfigError
+from .errors import ConfigError, FatalError
 from .io.tun import Tun
 from .io.udp import UdpEncapSocket
 from .workers import MAX_WORKERS, Worker, dataplane_selector, drop_all_input, serve
@@ -212,10 +212,13 @@ class Tunnel:
 
     def poll(self, timeout: float = 0.0) -> int:
         """Serve what is readable (waiting up to ``timeout`` seconds) and run the
-        timers when due; the number of packets handled."""
+        timers when due; the number of packets handled.  Raises
+        :class:`~espdp.errors.FatalError` when the TUN device went away."""
         for w in self.workers:
+            if isinstance(w.error, FatalError):
+                raise w.error
             if w.error is not None:
-                raise ConfigError(f"dataplane worker {w.dp.worker} failed: {w.error}")
+                raise FatalError(f"dataplane worker {w.dp.worker} failed: {w.error}")
             w.start()
         done = serve(self.dataplane, self._selector_for(), timeout, self.clock)
         now = self.clock()

@@ -13,11 +13,14 @@ Terms used by the tests:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import ipaddress
 import os
 import struct
+import threading
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -291,7 +294,45 @@ def esp_packet(family: int, esp: bytes, *, encap: bool = False, **outer) -> byte
     return outer_ip(family, esp, proto=50, **outer)
 
 
+# ---------------------------------------------------------------- damaged packets
+
+def with_lengths(packet: bytes, n: int) -> bytes:
+    """The first n bytes, with the IP (and UDP) length fields saying n."""
+    lay = layout(packet)
+    p = bytearray(packet[:n])
+    if lay.family == 4:
+        p[2:4] = n.to_bytes(2, "big")
+    else:
+        p[4:6] = (n - 40).to_bytes(2, "big")
+    if lay.udp is not None:
+        p[lay.udp + 4:lay.udp + 6] = (n - lay.udp).to_bytes(2, "big")
+    return bytes(p)
+
+
+def ipv6_with_headers(packet: bytes, headers: list[tuple[int, bytes]]) -> bytes:
+    """Insert extension headers (type, body of 6 + 8k bytes) after the IPv6 header."""
+    nh = packet[6]
+    chain = b""
+    types = [t for t, _ in headers]
+    for i, (_, body) in enumerate(headers):
+        nxt = types[i + 1] if i + 1 < len(types) else nh
+        chain += bytes([nxt, (len(body) + 2) // 8 - 1]) + body
+    p = bytearray(packet[:40]) + chain + packet[40:]
+    p[6] = types[0]
+    p[4:6] = (len(p) - 40).to_bytes(2, "big")
+    return bytes(p)
+
+
 # ---------------------------------------------------------------- counters
+
+def decrypt_all(table, packets, slot: int = 2048):
+    """Decrypt ``packets`` in one batch: ``([(verdict, inner, mark)], [flags], ok count)``."""
+    batch = PacketBatch(len(packets), slot, 0)
+    for p in packets:
+        batch.add(p)
+    ok = table.decrypt(batch)
+    return [batch.result(i) for i in range(len(packets))], [int(f) for f in batch.flags], ok
+
 
 def drops_total(*stats_dicts) -> int:
     """Sum of drop counters: SA ``stats()['drops']`` or table ``stats()`` dicts."""
@@ -314,3 +355,24 @@ def encrypt_flags(sa: SA, packet: bytes, mark: int = 0):
     sa.encrypt(batch)
     verdict, outer, mark = batch.result(0)
     return verdict, outer, mark, int(batch.flags[0])
+
+
+# ---------------------------------------------------------------- control socket
+
+@contextlib.contextmanager
+def serve_control(path: str, xfrm, handlers: Optional[dict] = None):
+    """A :class:`espdp.control.ControlServer` on ``xfrm`` at ``path``, polled by a
+    thread (as the daemon's loop would) until the block ends; yields the path."""
+    from espdp.control import ControlServer
+
+    server = ControlServer(path, xfrm, handlers)
+    stop = threading.Event()
+    thread = threading.Thread(target=lambda: [server.poll(time.monotonic(), 0.05)
+                                              for _ in iter(stop.is_set, True)])
+    thread.start()
+    try:
+        yield server.path
+    finally:
+        stop.set()
+        thread.join()
+        server.close()

@@ -26,17 +26,20 @@ import pytest
 from helpers import (
     ADDR,
     TRANSFORMS,
+    decrypt_all,
     drops_total,
     esp_packet,
     esp_seal,
     inner_packet,
     ipv4_checksum_ok,
+    ipv6_with_headers,
     layout,
     make_pair,
     outer_ip,
     sa_info,
     tos_of,
     transport_packet,
+    with_lengths,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -77,14 +80,6 @@ def flips(packet: bytes):
             p = bytearray(packet)
             p[offset] ^= mask
             yield offset, mask, bytes(p)
-
-
-def decrypt_all(table, packets, slot: int = 2048):
-    batch = PacketBatch(len(packets), slot, 0)
-    for p in packets:
-        batch.add(p)
-    ok = table.decrypt(batch)
-    return [batch.result(i) for i in range(len(packets))], [int(f) for f in batch.flags], ok
 
 
 def assert_counters_add_up(pair, fed: int, ok: int) -> None:
@@ -152,19 +147,6 @@ def test_every_truncation_is_dropped(transform, family, encap):
     results, _, ok = decrypt_all(pair.table, prefixes)
     assert ok == 0 and {r[0] for r in results} == {"malformed"}
     assert_counters_add_up(pair, len(prefixes), 0)
-
-
-def with_lengths(packet: bytes, n: int) -> bytes:
-    """The first n bytes, with the IP (and UDP) length fields saying n."""
-    lay = layout(packet)
-    p = bytearray(packet[:n])
-    if lay.family == 4:
-        p[2:4] = n.to_bytes(2, "big")
-    else:
-        p[4:6] = (n - 40).to_bytes(2, "big")
-    if lay.udp is not None:
-        p[lay.udp + 4:lay.udp + 6] = (n - lay.udp).to_bytes(2, "big")
-    return bytes(p)
 
 
 @pytest.mark.parametrize(("transform", "family", "encap"), CONFIGS, ids=CONFIG_IDS)
@@ -383,20 +365,6 @@ def test_ipv4_df_alone_is_not_a_fragment():
     _, packet, _ = pair.out.encrypt_packet(inner_packet(df=True))
     assert packet[6:8] == b"\x40\x00"
     assert pair.table.decrypt_packet(packet)[0] == "ok"
-
-
-def ipv6_with_headers(packet: bytes, headers: list[tuple[int, bytes]]) -> bytes:
-    """Insert extension headers (type, body of 6 + 8k bytes) after the IPv6 header."""
-    nh = packet[6]
-    chain = b""
-    types = [t for t, _ in headers]
-    for i, (_, body) in enumerate(headers):
-        nxt = types[i + 1] if i + 1 < len(types) else nh
-        chain += bytes([nxt, (len(body) + 2) // 8 - 1]) + body
-    p = bytearray(packet[:40]) + chain + packet[40:]
-    p[6] = types[0]
-    p[4:6] = (len(p) - 40).to_bytes(2, "big")
-    return bytes(p)
 
 
 @pytest.mark.parametrize("chain", [[44], [0, 44], [0, 60, 44]], ids=["frag", "hbh-frag",

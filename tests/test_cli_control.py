@@ -4,15 +4,14 @@ control socket served in this process (the daemon itself is in test_e2e)."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pytest
+from helpers import serve_control
 
 from espdp import config
 from espdp.cli import main
 from espdp.client import format_status
-from espdp.control import ControlServer
 from espdp.errors import ConfigError
 from espdp.xfrm import Xfrm
 
@@ -26,17 +25,9 @@ def served(tmp_path):
     """A control socket on an Xfrm model, polled by a thread until the test ends."""
     xfrm = Xfrm()
     status = {"tun": "esp9", "uptime": 3.0, "policies": 0, "sas": [], "no_sa_drops": {}}
-    server = ControlServer(str(tmp_path / "c.sock"), xfrm, {"status": lambda r, now: status})
-    stop = threading.Event()
-    thread = threading.Thread(target=lambda: [server.poll(time.monotonic(), 0.05)
-                                              for _ in iter(stop.is_set, True)])
-    thread.start()
-    try:
-        yield server.path, xfrm
-    finally:
-        stop.set()
-        thread.join()
-        server.close()
+    with serve_control(str(tmp_path / "c.sock"), xfrm, {"status": lambda r, now: status}) \
+            as path:
+        yield path, xfrm
 
 
 def test_xfrm_add_list_get_delete(served, capsys):

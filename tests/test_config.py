@@ -120,3 +120,18 @@ def test_bad_configuration_is_refused_with_its_location(text, message):
 def test_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="missing.toml"):
         load(tmp_path / "missing.toml")
+
+
+def test_files_that_are_not_utf8_or_nested_too_deeply_are_config_errors(tmp_path):
+    # Both used to escape as UnicodeDecodeError / RecursionError tracebacks.
+    (tmp_path / "bin.toml").write_bytes(b"[tunnel]\ntun = 'x\xff'\n")
+    with pytest.raises(ConfigError, match=r"bin.toml:2: not UTF-8 text"):
+        load(tmp_path / "bin.toml")
+    (tmp_path / "bin.xfrm").write_bytes(b"ip xfrm state \xfe\n")
+    (tmp_path / "x.toml").write_text('xfrm = "bin.xfrm"\n[tunnel]\nfd = 5\n')
+    with pytest.raises(ConfigError, match=r"x.toml: xfrm = 'bin.xfrm': .*bin.xfrm:1: not UTF-8"):
+        load(tmp_path / "x.toml")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        loads("a = " + "[" * 5000 + "]" * 5000)
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        loads("a = " + "{b = " * 5000 + "}" * 5000)

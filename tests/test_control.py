@@ -55,6 +55,8 @@ def test_kernel_errors_carry_their_errno_and_keep_the_connection():
     (b'{"op": "frobnicate"}\n', "unknown op"),
     (b'{"op": "xfrm"}\n', "needs a 'line'"),
     (b'{"op": "xfrm", "line": "ip xfrm state add src 1.2.3.4"}\n', "<xfrm>:1"),
+    (b"[" * 60000 + b"\n", "not a JSON object"),                  # was a RecursionError
+    (b'{"op": "status", "x": ' + b'{"a": ' * 10000 + b"\n", "not a JSON object"),
 ])
 def test_malformed_requests_get_an_error_answer(raw, message):
     s = ControlSession(Xfrm())
@@ -67,6 +69,15 @@ def test_an_oversized_line_closes_the_connection():
     s = ControlSession(Xfrm())
     answer = json.loads(s.receive(b"x" * (MAX_LINE + 1), 0))
     assert answer["ok"] is False and s.closed
+
+
+def test_an_oversized_line_closes_the_connection_even_when_it_arrives_whole():
+    # A line that came with its newline in the same read used to be parsed
+    # whatever its length; the requests after it are not answered.
+    s = ControlSession(Xfrm())
+    line = b'{"op": "xfrm", "line": "' + b"a" * MAX_LINE + b'"}\n'
+    [answer] = s.receive(line + b'{"op": "monitor"}\n', 0).splitlines()
+    assert "longer than" in json.loads(answer)["error"] and s.closed
 
 
 def test_monitor_delivers_events_as_json_lines():

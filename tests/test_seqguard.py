@@ -66,3 +66,80 @@ def test_unreadable_file_stops_the_start(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ConfigError, match="unreadable sequence reservations"):
         SequenceGuard(str(path))
+
+
+def test_a_reservation_that_cannot_be_written_stops_the_sa_and_the_checks(tmp_path,
+                                                                          monkeypatch):
+    # A full disk used to leave an SA added at run time live with a reservation
+    # only in memory: the model swallows a failing listener, the next check saw
+    # nothing due, and a restart could reuse its sequence numbers.
+    import errno
+
+    from espdp.errors import FatalError
+
+    path = tmp_path / "g.json"
+    x = Xfrm()
+    guard = SequenceGuard(str(path), jump=100)
+    guard.attach(x)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    x.execute(SA, 0)                      # as the control socket would: no exception here
+    sa = x.sad.table[0]
+    assert sa.dead and sa.encrypt_packet(bytes(20))[0] == "no_sa"
+    assert not path.exists()              # nothing reserved on disk: nothing sent
+    with pytest.raises(FatalError, match="cannot write the sequence reservations"):
+        guard.check()
+    with pytest.raises(FatalError):
+        guard.check()
+    monkeypatch.undo()
+    y = Xfrm()
+    y.execute(SA, 0)
+    with pytest.raises(FatalError):       # at start: refused before anything is sent
+        SequenceGuard(str(tmp_path / "ro" / "g.json")).attach(y)
+
+
+def test_an_update_of_a_live_sa_does_not_move_its_counter(tmp_path):
+    # Each UPDSA (new lifetimes, NAT ports ...) used to jump the SA's counter by a
+    # whole reservation (4 Mi numbers): after ~1000 updates a 32-bit SA was spent.
+    x = Xfrm()
+    SequenceGuard(str(tmp_path / "g.json"), jump=1000).attach(x)
+    x.execute(SA, 0)
+    sa = x.sad.table[0]
+    sa.oseq = 10                               # as if it had sent ten packets
+    for soft in range(100, 105):
+        x.execute(SA.replace("state add", "state update") + f" limit time-soft {soft}", 0)
+    assert sa.oseq == 10
+    reserved = json.loads((tmp_path / "g.json").read_text())["reserved"]
+    assert list(reserved.values()) == [1000]
+
+
+def test_reservations_of_sas_that_never_sent_do_not_pile_up(tmp_path):
+    # Every SA ever added used to keep its entry, rewritten with fsync on each
+    # add: under churn (1,000 SAs added and deleted, over and over, in the soak)
+    # each cycle got slower than the last and the daemon's memory grew.
+    path = tmp_path / "g.json"
+    x = Xfrm()
+    guard = SequenceGuard(str(path), jump=1000)
+    guard.attach(x)
+    x.execute(SA, 0)
+    for spi in range(0x100, 0x180):                    # come and go, never sending
+        line = SA.replace("spi 0x10", f"spi {spi:#x}")
+        x.execute(line, 0)
+        x.execute(line.replace("state add", "state delete").split(" reqid")[0], 0)
+    guard.check()
+    sent = x.sad.table[0]
+    sent.oseq = 5
+    x.execute(SA.replace("state add", "state delete").split(" reqid")[0], 0)
+    guard.check()
+    reserved = json.loads(path.read_text())["reserved"]
+    assert reserved == {sa_id_of(SA): 1000}            # the one that sent keeps its own
+    assert len(guard.reserved) == 1
+
+
+def sa_id_of(line: str) -> str:
+    x = Xfrm()
+    x.execute(line, 0)
+    return sa_id(x.sad.dump()[0].info)

@@ -535,6 +535,10 @@ def test_errors_name_the_line_and_the_word(line, words):
     f"add {ID4} enc aes {AES128}0 auth sha256 {SHA256}",  # odd number of digits
     f"add {ID4} aead rfc4106(gcm(aes)) {AES128_SALT[:-2]}zz 128",
     f"add {ID4} {GCM} sel dev 'my secret pass!'",
+    f"add {ID4} aead rfc4106(gcm(aes)) 128 mysecretpassphrase1234",  # key and ICV swapped
+    f"add {ID4} auth-trunc hmac(sha256) 96 mysecretpassphrase1234",
+    f"add {ID4} aead mysecretpassphrase1234 128",             # the name left out
+    f"add {ID4} enc MySecretKey auth sha256 {SHA256}",
 ])
 def test_misplaced_or_malformed_keys_are_never_echoed(line):
     message = error_of(line)

@@ -176,7 +176,10 @@ class Tun:
                 name = res[:IFNAMSIZ].split(b"\0", 1)[0].decode() or None
         except OSError:
             pass  # not asking is fine: e.g. a sandbox forbids the ioctl
-        os.set_blocking(fd, False)
+        try:
+            os.set_blocking(fd, False)
+        except OSError as exc:
+            raise ConfigError(f"fd {fd}: {exc.strerror} (expected an open TUN device)") from None
         return cls(fd, name, owns_fd, vnet=bool(flags & IFF_VNET_HDR))
 
     @property

@@ -51,6 +51,7 @@ looks like one (a long run of hex digits), wherever it was misplaced.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,6 +75,7 @@ from ..sa import (
 )
 from ._format import KEY_PLACEHOLDER, format_state
 from ._syntax import (
+    _ALGO_NAME_LIKE,
     GRE,
     ICMP_PROTOS,
     IP_PROTOS,
@@ -292,11 +294,36 @@ def _h_algo(words: Words, keyword: str, f: dict) -> None:
         alg = algorithms.lookup(kind, str(name))
     except ConfigError:
         known = ", ".join(a.name for a in algorithms.ALGORITHMS if a.kind == kind)
-        raise words.error(f"'{keyword}': unknown algorithm {show(name)} "
+        raise words.error(f"'{keyword}': unknown algorithm {_show_name(name)} "
                           f"(known: {known})") from None
     key = read_key(words, keyword)
-    bits = read_number(words, keyword, what=bits_what) if bits_what else alg.default_icv_bits
+    bits = _read_bits(words, keyword, bits_what) if bits_what else alg.default_icv_bits
     f[kind] = AlgoKey(alg.name, key, bits)
+
+
+_SHORT_NAME = re.compile(r"[a-z0-9_-]{1,15}")
+
+
+def _show_name(word: str) -> str:
+    """An unknown algorithm name for a message, unless it may be a key: with the
+    name left out, the key comes first, and a text key looks like a long word.
+    Names with parentheses and short ones (iproute2's aliases: aes, sha256,
+    des3_ede ...) are shown."""
+    if _ALGO_NAME_LIKE.fullmatch(str(word)) or _SHORT_NAME.fullmatch(str(word)):
+        return show(word)
+    return "<a word that may be a key, not shown>"
+
+
+def _read_bits(words: Words, keyword: str, what: str) -> int:
+    """The ICV or truncation length after a key.  The word is never shown: when it
+    is not a number, key and length were most likely swapped and it is the key
+    (a text key is not key-like enough for :func:`show` to hide it)."""
+    word = words.value(keyword, what)
+    value = parse_int(word)
+    if value is None or value >> 32:
+        raise words.error(f"'{keyword}': expected {what} after the key, got something "
+                          "else (not shown: it may be a key)")
+    return value
 
 
 def _unsupported(reason: str) -> Handler:
