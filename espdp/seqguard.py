@@ -76,27 +76,42 @@ class SequenceGuard:
         used, and reserve ahead before it sends.  When the reservation cannot be
         written the SA is killed (it sends nothing under a number not on disk)
         and :class:`FatalError` raised, now and by every later :meth:`check`."""
-        key = sa_id(info)
-        if self._live.get(key) is engine:
-            return      # an update of an SA already protected: its counter is covered
-        start = self.reserved.get(key, 0)
-        if engine.oseq < start:
-            engine.oseq = start
+        self.protect_all([(info, engine)])
+
+    def protect_all(self, sas: list) -> None:
+        """:meth:`protect` for many ``(info, engine)`` at once, with one write of the
+        file (loading 100,000 SAs at start does not write it 100,000 times)."""
+        pending = dict(self.reserved)
+        fresh = []
+        for info, engine in sas:
+            key = sa_id(info)
+            if self._live.get(key) is engine:
+                continue    # an update of an SA already protected: its counter is covered
+            start = pending.get(key, 0)
+            if engine.oseq < start:
+                engine.oseq = start
+            pending[key] = max(start, engine.oseq + self.jump)
+            fresh.append((key, engine))
+        if not fresh:
+            return
         try:
-            self._reserve(key, engine.oseq + self.jump)
+            self._write(pending)           # on disk first: memory never runs ahead of it
         except OSError as e:
-            engine.kill()
+            for _, engine in fresh:
+                engine.kill()
             raise self._fail(e) from None
-        self._live[key] = engine
-        self._start[key] = (engine, engine.oseq)
+        self.reserved = pending
+        for key, engine in fresh:
+            self._live[key] = engine
+            self._start[key] = (engine, engine.oseq)
 
     def check(self) -> None:
         """Reserve further for every SA within a quarter jump of its reservation;
         :class:`FatalError` when a reservation could not be written."""
         if self.failed is not None:
             raise self.failed
-        pending = dict(self.reserved)
-        due = False
+        changes: dict[str, Optional[int]] = {}    # key -> new reservation (None: drop it)
+        reserved, quarter = self.reserved, self.jump // 4
         for key, engine in list(self._live.items()):
             if engine.dead:
                 del self._live[key]
@@ -105,26 +120,22 @@ class SequenceGuard:
                     # It sent nothing: no number above ``start`` was used under its key,
                     # so its reservation goes back to ``start`` (or goes: an inbound SA,
                     # an SA of churn), and the file does not grow with every SA ever seen.
-                    if start:
-                        pending[key] = start
-                    else:
-                        pending.pop(key, None)
-                    due = True
+                    changes[key] = start or None
                 continue
-            if engine.oseq + self.jump // 4 > pending.get(key, 0):
-                pending[key] = engine.oseq + self.jump
-                due = True
-        if due:
+            oseq = engine.oseq
+            if oseq + quarter > reserved.get(key, 0):
+                changes[key] = oseq + self.jump
+        if changes:   # the copy only when something is due (100,000 SAs: not each round)
+            pending = dict(reserved)
+            for key, value in changes.items():
+                if value is None:
+                    pending.pop(key, None)
+                else:
+                    pending[key] = value
             try:
                 self._write(pending)
             except OSError as e:
                 raise self._fail(e) from None
-            self.reserved = pending
-
-    def _reserve(self, key: str, value: int) -> None:
-        if value > self.reserved.get(key, 0):
-            pending = {**self.reserved, key: value}
-            self._write(pending)           # on disk first: memory never runs ahead of it
             self.reserved = pending
 
     def _fail(self, e: OSError) -> FatalError:
@@ -144,9 +155,8 @@ class SequenceGuard:
 
     def attach(self, xfrm: Any) -> None:
         """Protect every SA of ``xfrm`` now and each one added or made valid later."""
-        for st in xfrm.sad.dump():
-            if st.engine is not None:
-                self.protect(st.info, st.engine)
+        self.protect_all([(st.info, st.engine) for st in xfrm.sad.dump()
+                          if st.engine is not None])
 
         def on_sa(event: Any) -> None:
             st = event.ref
