@@ -418,3 +418,56 @@ def test_kernel_inbound_set_mark(kernel_peer: KernelPeer) -> None:
                     + f"\ncapture of the tap: {kept}\nespdp log:\n"
                     f"{espdp.daemon.output()[-3000:] if espdp else ''}\nkernel rules:\n"
                     + peer.ip("rule", check=False), pytrace=False)
+
+
+_NS_MARK_RULES = (("rule", "add", "pref", "100", "lookup", "local"), ("rule", "del", "pref", "0"),
+                  ("route", "add", "prohibit", ESPDP_INNER[4] + "/32", "table", "100"),
+                  ("rule", "add", "pref", "10", "fwmark", "0x42", "lookup", "100"))
+_NS_MARK_UNDO = (("rule", "add", "pref", "0", "lookup", "local"), ("rule", "del", "pref", "100"),
+                 ("rule", "del", "pref", "10"), ("route", "flush", "table", "100"))
+
+
+def test_espdp_inbound_set_mark(kernel_peer: KernelPeer) -> None:
+    """The mirror of the test above: espdp's inbound SA has ``output-mark 0x42``
+    (the kernel gets the same lines, on its outbound SA), so the kernel's packets
+    reach espdp's host marked: ``ip rule fwmark 0x42`` in espdp's namespace sends
+    them to a table that refuses them, and the ping's replies vanish; without
+    the rule they arrive."""
+    peer = kernel_peer
+    case = Case(4, False, "gcm128")
+    states = state_lines(case)
+    states[1] += " output-mark 0x42"          # kernel -> espdp: inbound at espdp
+    name = "set-mark-espdp-inbound"
+    _kernel_sas(peer, case, states)
+    cap = Capture(peer.ns, peer.dir / f"{name}.pcap")
+    espdp = None
+    failures: list[str] = []
+    try:
+        espdp = EspdpSide(peer, case, states)
+        ok, detail = ping_from_espdp(peer, 4)
+        if not ok:
+            failures.append(f"ping espdp -> kernel without the fwmark rule: {detail}")
+        try:
+            for words in _NS_MARK_RULES:
+                sh("ip", *words, ns=peer.ns)
+            ok, detail = ping_from_espdp(peer, 4)
+            if ok:
+                failures.append("ping espdp -> kernel passed although `ip rule fwmark 0x42` "
+                                "sends marked packets to a prohibit route: no mark")
+        finally:
+            for words in _NS_MARK_UNDO:
+                sh("ip", *words, ns=peer.ns, check=False)
+        ok, detail = ping_from_espdp(peer, 4)
+        if not ok:
+            failures.append(f"ping espdp -> kernel after removing the rule: {detail}")
+        injected = espdp.daemon.status()["counters"]["injected"]
+        if not injected:
+            failures.append("espdp handed no marked packet to the kernel (injected 0)")
+    finally:
+        if espdp is not None:
+            espdp.stop()
+        kept = cap.stop(keep=bool(failures))
+    if failures:
+        pytest.fail(f"peer {PEER}, case {name}:\n  " + "\n  ".join(failures)
+                    + f"\ncapture of the tap: {kept}\nespdp log:\n"
+                    f"{espdp.daemon.output()[-3000:] if espdp else ''}", pytrace=False)
