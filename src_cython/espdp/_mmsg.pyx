@@ -461,6 +461,12 @@ cdef class GroReader:
                         self.cur += 1
                         continue
                     seg = _gro_size(m)
+                    if length == 0:    # an empty datagram is one datagram still
+                        _datagram(batch, self.bufs + <size_t> self.cur * GRO_BUF, 0, m,
+                                  &self.names[self.cur], family, bound, have_local,
+                                  local_port, hdr, &c, ike, want_ike)
+                        self.cur += 1
+                        continue
                     if seg == 0 or seg > length:
                         seg = length
                     if self.cur_off == 0 and seg < length:

@@ -258,7 +258,7 @@ def ping_from_espdp(peer: KernelPeer, fam: int) -> tuple[bool, str]:
 
 def ping_from_kernel(peer: KernelPeer, fam: int) -> tuple[bool, str]:
     cmd = "ping" if fam == 4 else "ping6"
-    out = peer.vm.run(f"{cmd} -c 3 -W 3 -I {VM_INNER[fam]} {ESPDP_INNER[fam]}", check=False,
+    out = peer.vm.run(f"{cmd} -c 2 -W 3 -I {VM_INNER[fam]} {ESPDP_INNER[fam]}", check=False,
                       timeout=60)
     return peer.vm.last_rc == 0, out
 
