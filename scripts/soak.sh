@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The soak of tests/test_soak.py for longer than CI's 60 s:
+# The soak of tests/test_soak.py for longer than make test's 40 s:
 #   scripts/soak.sh SECONDS        (default 600)
 # Two namespaces with espdp run, UDP and TCP checked end to end, rekeys every
 # 5 s and churn of 1,000 SAs; RSS and file descriptors sampled and bounded.
