@@ -100,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     cluster_status.add_argument("--control", metavar="PATH")
     cluster_status.add_argument("--json", action="store_true")
     sub.add_parser("lab", add_help=False, help="two namespaces, one tunnel, traffic, a summary")
+    sub.add_parser("bench", add_help=False,
+                   help="the benchmark suite of a checkout: engine|lookup|e2e|scale|micro|all")
     sub.add_parser("xfrm", add_help=False, help="ip xfrm state|policy|monitor, on a running "
                    "tunnel (options: --control PATH, --json, --show-keys)")
     return parser
@@ -183,6 +185,34 @@ def _print_report(report, action: str, as_json: bool) -> None:
         print(format_report(report, action))
 
 
+BENCHES = {"engine": ["bench/engine.py"], "lookup": ["bench/lookup.py"],
+           "e2e": ["bench/e2e.py"], "scale": ["bench/scale.py"],
+           "micro": ["-m", "pytest", "-q", "bench/test_micro.py"]}
+
+
+def _bench_command(argv: list) -> int:
+    """``espdp bench NAME [ARGS...]``: a script of bench/ (a checkout's: the
+    suite is not installed with the package), its options passed on."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    names = list(BENCHES) if argv[:1] in ([], ["all"]) else argv[:1]
+    if names[0] not in BENCHES or argv[:1] in (["-h"], ["--help"]):
+        print(f"usage: espdp bench {{{'|'.join(BENCHES)}|all}} [options of the script]",
+              file=sys.stderr)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    if not (root / "bench").is_dir():
+        print(f"espdp: the benchmark suite is in a checkout of espdp (bench/), not in "
+              f"{root}", file=sys.stderr)
+        return 2
+    for name in names:
+        code = subprocess.call([sys.executable, *BENCHES[name], *argv[1:]], cwd=root)
+        if code:
+            return code
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -196,6 +226,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return lab_main(argv[1:])
         if argv[:1] == ["xfrm"]:
             return _xfrm_command(argv[1:])
+        if argv[:1] == ["bench"]:
+            return _bench_command(argv[1:])
         args = _parser().parse_args(argv)
         if args.command == "demo":
             from .demo import run_demo

@@ -177,3 +177,15 @@ def test_encrypt_without_spi_chooses_sas_by_policy(tmp_path, capsys):
     decrypted = [bytes(sa.decrypt(IP(p))) for p in out if p[9] == 17]   # ESP in UDP
     assert decrypted == [bytes(p) for p in packets[0::4]]
     assert [p for p in out if p[9] != 17] == [bytes(p) for p in packets[3::4]]
+
+
+def test_bench_runs_a_script_of_the_suite_and_refuses_others(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "espdp", "bench", "nope"], capture_output=True,
+                          text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "engine|lookup|e2e|scale|micro|all" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "espdp", "bench", "lookup", "--sizes", "1,10",
+                           "--lookups", "50", "--rounds", "1", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert [p["sas"] for p in json.loads((tmp_path / "lookup.json").read_text())["points"]] \
+        == [1, 10]
