@@ -344,6 +344,22 @@ cdef inline uint32_t _hash(uint32_t spi, uint32_t nslots) noexcept nogil:
     return ((spi * <uint32_t> 0x9E3779B1) ^ (spi >> 16)) & (nslots - 1)
 
 
+def oseq_array(list sas):
+    """The outbound counters of engine ``sas`` and whether each is dead, as two
+    numpy arrays, read in C (a sweep over 100,000 SAs in a millisecond)."""
+    cdef Py_ssize_t n = len(sas), i
+    out = np.empty(n, np.uint64)
+    dead = np.zeros(n, np.uint8)
+    cdef uint64_t[::1] o = out
+    cdef uint8_t[::1] d = dead
+    cdef SA sa
+    for i in range(n):
+        sa = <SA?> sas[i]          # checked: anything else is a TypeError, not a crash
+        o[i] = espdp_load64(&sa.core.oseq)
+        d[i] = sa.core.dead
+    return out, dead.view(np.bool_)
+
+
 cdef class SATable:
     """The SAs the engine knows, with inbound lookup by (dst, SPI, mark) as
     XFRM does it: ``(packet mark & SA mask) == SA value``."""
