@@ -19,9 +19,16 @@ Verdicts are the names in :data:`VERDICTS`; every drop is also counted in
 the SA's ``stats()`` (or the table's ``stats()`` when no SA was found).
 """
 
-from ._engine import (FLAG_MAPPING, FLAG_SOFT_EXPIRED, SA, VERDICTS, PacketBatch, SATable,
-                      oseq_array)
+from ._engine import (
+    FLAG_MAPPING,
+    FLAG_SOFT_EXPIRED,
+    SA,
+    VERDICTS,
+    PacketBatch,
+    SATable,
+    oseq_array,
+)
 from ._replay import ReplayWindow
 
 __all__ = ["FLAG_MAPPING", "FLAG_SOFT_EXPIRED", "VERDICTS", "SA", "PacketBatch", "SATable",
-           "ReplayWindow"]
+           "ReplayWindow", "oseq_array"]
