@@ -25,6 +25,7 @@ exits 1 with the reason.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -198,6 +199,9 @@ class Daemon:
 
             self.metrics = MetricsServer(t.metrics, self)
             self._cleanup.append(self.metrics.close)
+        # The SAs and policies loaded so far live as long as the daemon: keep them out
+        # of the cyclic GC's sweeps (100,000 SAs are millions of objects to traverse).
+        gc.freeze()
         logger.info("running: tun %s mtu %s, UDP port %d, control %s", self.name,
                     self.tun.mtu, self.tunnel.dataplane.sockets[4].port
                     if 4 in self.tunnel.dataplane.sockets else t.udp_port, self.control.path)

@@ -32,6 +32,8 @@ from typing import Optional
 
 from espdp.lab import INNER, OUTER, Lab, sh
 
+from .capture import Capture  # noqa: F401 - tests use sw.Capture
+
 PEER = "strongswan"
 # The plugins charon loads: kernel-libipsec for ESP, kernel-netlink for routes and
 # addresses only, openssl for the AEADs (ChaCha20-Poly1305 too) and X25519.
@@ -434,34 +436,6 @@ def udp_counters(ns: str) -> str:
                                              if line.startswith("Udp6"))]
         out.append(f"{name} " + " ".join(f"{k}={v}" for k, v in pairs if v != "0"))
     return "; ".join(out)
-
-
-class Capture:
-    """dumpcap on ``dev`` in namespace ``ns`` (pcap) for the duration of one case."""
-
-    def __init__(self, ns: str, dev: str, path: Path) -> None:
-        self.path = path
-        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, "dumpcap", "-q", "-i", dev,
-                                      "-w", str(path), "-P"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     start_new_session=True)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and not path.exists() and self.proc.poll() is None:
-            time.sleep(0.05)
-        time.sleep(0.2)
-
-    def stop(self, keep: bool) -> Optional[Path]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if keep:
-            return self.path
-        self.path.unlink(missing_ok=True)
-        return None
 
 
 def ping(lab: Lab, side: str, addr: str, count: int = 3) -> tuple[bool, str]:

@@ -19,13 +19,12 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Optional
 
 import pytest
 
 from espdp.lab import Daemon, python_env, sh
 
+from .capture import Capture
 from .conftest import ESPDP_INNER, ESPDP_NET, NS_ADDR, VM_ADDR, VM_INNER, VM_NET, KernelPeer
 
 pytestmark = pytest.mark.interop
@@ -194,33 +193,6 @@ class EspdpSide:
             time.sleep(0.1)
 
 
-class Capture:
-    """dumpcap on tap0 in the namespace for the duration of one case."""
-
-    def __init__(self, ns: str, path: Path) -> None:
-        self.path = path
-        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, "dumpcap", "-q", "-i", "tap0",
-                                      "-w", str(path), "-P"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and not path.exists() and self.proc.poll() is None:
-            time.sleep(0.05)
-        time.sleep(0.2)
-
-    def stop(self, keep: bool) -> Optional[Path]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if keep:
-            return self.path
-        self.path.unlink(missing_ok=True)
-        return None
-
-
 # ---------------------------------------------------------------- traffic
 
 _SERVER = r"""
@@ -323,7 +295,7 @@ def test_kernel_peer(kernel_peer: KernelPeer, case: Case) -> None:
     peer = kernel_peer
     states = state_lines(case)
     _kernel_sas(peer, case, states)
-    cap = Capture(peer.ns, peer.dir / f"{case.name}.pcap")
+    cap = Capture(peer.ns, "tap0", peer.dir / f"{case.name}.pcap")
     espdp = None
     failures: list[str] = []
     try:
@@ -371,24 +343,42 @@ def test_kernel_peer(kernel_peer: KernelPeer, case: Case) -> None:
             pytrace=False)
 
 
-_MARK_RULES = ("rule add pref 100 lookup local", "rule del pref 0",
-               "route add prohibit 10.9.2.1/32 table 100",
-               "rule add pref 10 fwmark 0x42 lookup 100")
-_MARK_UNDO = ("rule add pref 0 lookup local", "rule del pref 100", "rule del pref 10",
-              "route flush table 100")
+def _mark_rules(host: str) -> tuple[list[str], list[str]]:
+    """``ip`` words that make ``host``'s own inner IPv4 address refuse packets
+    marked 0x42 (an fwmark rule ahead of the local table, to a prohibit route),
+    and the words that undo them."""
+    addr = VM_INNER[4] if host == "kernel" else ESPDP_INNER[4]
+    rules = ["rule add pref 100 lookup local", "rule del pref 0",
+             f"route add prohibit {addr}/32 table 100", "rule add pref 10 fwmark 0x42 lookup 100"]
+    undo = ["rule add pref 0 lookup local", "rule del pref 100", "rule del pref 10",
+            "route flush table 100"]
+    return rules, undo
 
 
-def test_kernel_inbound_set_mark(kernel_peer: KernelPeer) -> None:
-    """An inbound SA of the kernel with ``output-mark 0x42``: its decrypted packets
-    carry the mark, seen through ``ip rule fwmark 0x42`` sending them to a table
-    that refuses them; without the rule they arrive.  espdp gets the same lines."""
+@pytest.mark.parametrize("marked", ["kernel", "espdp"])
+def test_inbound_set_mark(kernel_peer: KernelPeer, marked: str) -> None:
+    """An inbound SA with ``output-mark 0x42`` on the ``marked`` side (both get the
+    same lines: on the other side it is an outbound SA's mark): the decrypted
+    packets carry the mark, seen through ``ip rule fwmark 0x42`` sending them to
+    a table that refuses them, so the ping from espdp fails; without the rule
+    it passes.  On espdp's side the marked packets go to the kernel through the
+    injector, so it must have injected some."""
     peer = kernel_peer
     case = Case(4, False, "gcm128")
     states = state_lines(case)
-    states[0] += " output-mark 0x42"          # espdp -> kernel: inbound at the kernel
-    name = "set-mark-kernel-inbound"
+    # states[0] is espdp -> kernel (inbound at the kernel), states[1] the reverse
+    states[0 if marked == "kernel" else 1] += " output-mark 0x42"
+    name = f"set-mark-{marked}-inbound"
+    rules, undo = _mark_rules(marked)
+
+    def ip(words: str, check: bool = True) -> None:
+        if marked == "kernel":
+            peer.ip(words, check=check)
+        else:
+            sh("ip", *words.split(), ns=peer.ns, check=check)
+
     _kernel_sas(peer, case, states)
-    cap = Capture(peer.ns, peer.dir / f"{name}.pcap")
+    cap = Capture(peer.ns, "tap0", peer.dir / f"{name}.pcap")
     espdp = None
     failures: list[str] = []
     try:
@@ -397,18 +387,21 @@ def test_kernel_inbound_set_mark(kernel_peer: KernelPeer) -> None:
         if not ok:
             failures.append(f"ping espdp -> kernel without the fwmark rule: {detail}")
         try:
-            for words in _MARK_RULES:
-                peer.ip(words)
+            for words in rules:
+                ip(words)
             ok, detail = ping_from_espdp(peer, 4)
             if ok:
                 failures.append("ping espdp -> kernel passed although `ip rule fwmark 0x42` "
-                                "sends marked packets to a prohibit route: no mark")
+                                f"sends marked packets to a prohibit route on the {marked} "
+                                "side: no mark")
         finally:
-            for words in _MARK_UNDO:
-                peer.ip(words, check=False)
+            for words in undo:
+                ip(words, check=False)
         ok, detail = ping_from_espdp(peer, 4)
         if not ok:
             failures.append(f"ping espdp -> kernel after removing the rule: {detail}")
+        if marked == "espdp" and not espdp.daemon.status()["counters"]["injected"]:
+            failures.append("espdp handed no marked packet to the kernel (injected 0)")
     finally:
         if espdp is not None:
             espdp.stop()
@@ -418,56 +411,3 @@ def test_kernel_inbound_set_mark(kernel_peer: KernelPeer) -> None:
                     + f"\ncapture of the tap: {kept}\nespdp log:\n"
                     f"{espdp.daemon.output()[-3000:] if espdp else ''}\nkernel rules:\n"
                     + peer.ip("rule", check=False), pytrace=False)
-
-
-_NS_MARK_RULES = (("rule", "add", "pref", "100", "lookup", "local"), ("rule", "del", "pref", "0"),
-                  ("route", "add", "prohibit", ESPDP_INNER[4] + "/32", "table", "100"),
-                  ("rule", "add", "pref", "10", "fwmark", "0x42", "lookup", "100"))
-_NS_MARK_UNDO = (("rule", "add", "pref", "0", "lookup", "local"), ("rule", "del", "pref", "100"),
-                 ("rule", "del", "pref", "10"), ("route", "flush", "table", "100"))
-
-
-def test_espdp_inbound_set_mark(kernel_peer: KernelPeer) -> None:
-    """The mirror of the test above: espdp's inbound SA has ``output-mark 0x42``
-    (the kernel gets the same lines, on its outbound SA), so the kernel's packets
-    reach espdp's host marked: ``ip rule fwmark 0x42`` in espdp's namespace sends
-    them to a table that refuses them, and the ping's replies vanish; without
-    the rule they arrive."""
-    peer = kernel_peer
-    case = Case(4, False, "gcm128")
-    states = state_lines(case)
-    states[1] += " output-mark 0x42"          # kernel -> espdp: inbound at espdp
-    name = "set-mark-espdp-inbound"
-    _kernel_sas(peer, case, states)
-    cap = Capture(peer.ns, peer.dir / f"{name}.pcap")
-    espdp = None
-    failures: list[str] = []
-    try:
-        espdp = EspdpSide(peer, case, states)
-        ok, detail = ping_from_espdp(peer, 4)
-        if not ok:
-            failures.append(f"ping espdp -> kernel without the fwmark rule: {detail}")
-        try:
-            for words in _NS_MARK_RULES:
-                sh("ip", *words, ns=peer.ns)
-            ok, detail = ping_from_espdp(peer, 4)
-            if ok:
-                failures.append("ping espdp -> kernel passed although `ip rule fwmark 0x42` "
-                                "sends marked packets to a prohibit route: no mark")
-        finally:
-            for words in _NS_MARK_UNDO:
-                sh("ip", *words, ns=peer.ns, check=False)
-        ok, detail = ping_from_espdp(peer, 4)
-        if not ok:
-            failures.append(f"ping espdp -> kernel after removing the rule: {detail}")
-        injected = espdp.daemon.status()["counters"]["injected"]
-        if not injected:
-            failures.append("espdp handed no marked packet to the kernel (injected 0)")
-    finally:
-        if espdp is not None:
-            espdp.stop()
-        kept = cap.stop(keep=bool(failures))
-    if failures:
-        pytest.fail(f"peer {PEER}, case {name}:\n  " + "\n  ".join(failures)
-                    + f"\ncapture of the tap: {kept}\nespdp log:\n"
-                    f"{espdp.daemon.output()[-3000:] if espdp else ''}", pytrace=False)
