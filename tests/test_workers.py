@@ -64,6 +64,23 @@ def encrypt_concurrently(table, index, workers, rounds=ROUNDS):
     return out
 
 
+def decrypt_concurrently(table, orders):
+    """Worker k decrypts ``orders[k]`` in batches, all at once; what they delivered."""
+    got = [[] for _ in orders]
+
+    def work(k):
+        batch = PacketBatch(BATCH, 2304)
+        for start in range(0, len(orders[k]), BATCH):
+            batch.clear()
+            for p in orders[k][start:start + BATCH]:
+                batch.add(p)
+            table.decrypt(batch, worker=k)
+            got[k] += [batch.packet(i) for i in range(batch.count) if batch.verdict[i] == 0]
+
+    run_threads(work, len(orders))
+    return [p for per in got for p in per]
+
+
 @pytest.mark.parametrize("transform", ["gcm", "chacha", "cbc-sha256"])
 @pytest.mark.parametrize("esn", [False, True])
 def test_workers_share_one_sequence_and_never_repeat_a_number(transform, esn):
@@ -95,20 +112,8 @@ def test_workers_racing_over_the_same_packets_accept_each_once():
                for i in range(4000)]            # (size, fill) differ: all distinct
     table = SATable(workers=2)
     table.add(SA(info))
-    got = [[], []]
-
-    def work(k):
-        batch = PacketBatch(BATCH, 2304)
-        order = packets if k == 0 else packets[::-1]   # they meet in the middle
-        for start in range(0, len(order), BATCH):
-            batch.clear()
-            for p in order[start:start + BATCH]:
-                batch.add(p)
-            table.decrypt(batch, worker=k)
-            got[k] += [batch.packet(i) for i in range(batch.count) if batch.verdict[i] == 0]
-
-    run_threads(work, 2)
-    delivered = got[0] + got[1]
+    # the two workers go through the packets in opposite orders: they meet in the middle
+    delivered = decrypt_concurrently(table, [packets, packets[::-1]])
     stats = table[0].stats()
     assert len(set(delivered)) == len(delivered)          # none twice
     # every packet was offered twice; the window (2048 of 4000) may also refuse
@@ -124,19 +129,7 @@ def test_each_packet_accepted_once_when_all_fit_in_the_window():
                for i in range(1500)]
     table = SATable(workers=3)
     table.add(SA(info))
-    got = [[] for _ in range(3)]
-
-    def work(k):
-        batch = PacketBatch(BATCH, 2304)
-        for start in range(0, len(packets), BATCH):
-            batch.clear()
-            for p in packets[start:start + BATCH]:
-                batch.add(p)
-            table.decrypt(batch, worker=k)
-            got[k] += [batch.packet(i) for i in range(batch.count) if batch.verdict[i] == 0]
-
-    run_threads(work, 3)
-    delivered = sorted(p for per in got for p in per)
+    delivered = sorted(decrypt_concurrently(table, [packets] * 3))
     want = sorted(inner_packet(6, "tcp", 300 + i % 500, fill=i) for i in range(1500))
     assert delivered == want                              # all of them, none twice
     assert table[0].stats()["replay"] == 2 * len(packets)
