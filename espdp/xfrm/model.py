@@ -360,8 +360,9 @@ class Xfrm:
         """Packets (engine SA, packet, flow, mark) held while acquiring whose SA is
         now valid: the acquire state's queue moved onto the SA that answered it."""
         out = []
-        for st in self.sad.dump():
-            if st.queue and st.engine is not None:
+        queued, self.sad.queued = self.sad.queued, {}
+        for st in queued.values():
+            if st.queue and st.engine is not None and st.status in LIVE:
                 out += [(st.engine, *item) for item in st.queue]
                 st.queue = []
         return out

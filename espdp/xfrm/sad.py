@@ -98,6 +98,9 @@ class SecurityAssociationDatabase:
         self._by_seq: dict[int, list[SAState]] = {}
         self._by_engine: dict[int, SAState] = {}
         self._polled: dict[int, SAState] = {}
+        # SAs that inherited packets held while acquiring (Xfrm.ready_queued), so a
+        # tick looks at those, not at every SA.
+        self.queued: dict[int, SAState] = {}
         self._heap: list = []
         self._tiebreak = itertools.count()
         self._outbox: list = []
@@ -317,6 +320,8 @@ class SecurityAssociationDatabase:
         resolved = self._acquire_resolved_by(info)
         if resolved is not None:
             st.queue.extend(resolved.queue)
+            if st.queue:
+                self.queued[st.serial] = st
             self._transition(resolved, "delete", now)
         return st
 
