@@ -124,6 +124,7 @@ class Daemon:
             why = "not a directory" if isinstance(e, FileExistsError) else e.strerror
             raise ConfigError(f"state_dir {state_dir}: {why}") from None
         self.guard = SequenceGuard(os.path.join(state_dir, f"{self.name}.seq.json"))
+        self._cleanup.append(self.guard.close)
         self.guard.attach(self.xfrm)   # before any packet: no sequence number used twice
         if self.cfg.cluster is not None:   # espdp.cluster: read its secret before anything
             if t.workers > 1:

@@ -24,6 +24,7 @@ from ._engine import (
     FLAG_SOFT_EXPIRED,
     SA,
     VERDICTS,
+    OseqSweep,
     PacketBatch,
     SATable,
     oseq_array,
@@ -31,4 +32,4 @@ from ._engine import (
 from ._replay import ReplayWindow
 
 __all__ = ["FLAG_MAPPING", "FLAG_SOFT_EXPIRED", "VERDICTS", "SA", "PacketBatch", "SATable",
-           "ReplayWindow", "oseq_array"]
+           "ReplayWindow", "OseqSweep", "oseq_array"]

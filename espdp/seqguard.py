@@ -31,6 +31,7 @@ for sends nothing, and :meth:`SequenceGuard.check` raises
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -38,10 +39,12 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .engine import oseq_array
+from .engine import OseqSweep
 from .errors import ConfigError, FatalError
 
 JUMP = 1 << 22
+NEVER = np.iinfo(np.uint64).max    # the limit of an empty slot
+COMPACT_MIN = 1024                 # change lines always allowed before a rewrite
 
 
 def sa_id(info: Any) -> str:
@@ -54,28 +57,75 @@ def sa_id(info: Any) -> str:
     return h.hexdigest()[:32]
 
 
+def read_reservations(path: str) -> dict[str, int]:
+    """The reservations in ``path``: its first line a snapshot
+    ``{"reserved": {sa id: n}}``, each further line a change
+    ``{"set": {sa id: n}, "drop": [sa id]}``.  A last line without its newline
+    is a change whose write a crash cut short: its fsync never returned, so no
+    SA used it, and it is left out.  ConfigError when the file is unreadable."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode()
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise _unreadable(path, e) from None
+    lines = text.split("\n")
+    if len(lines) > 1 and lines[-1]:
+        lines.pop()               # the cut-short change
+    try:
+        reserved = {str(k): int(v) for k, v in json.loads(lines[0])["reserved"].items()}
+        for line in lines[1:]:
+            if line:
+                change = json.loads(line)
+                _apply(reserved, {str(k): int(v) for k, v in change["set"].items()})
+                _apply(reserved, {str(k): None for k in change["drop"]})
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise _unreadable(path, e) from None
+    return reserved
+
+
+def _unreadable(path: str, e: Exception) -> ConfigError:
+    return ConfigError(f"{path}: unreadable sequence reservations ({e}); "
+                       "remove it only if every SA in it has been rekeyed")
+
+
+def _apply(reserved: dict, changes: dict) -> None:
+    for key, value in changes.items():
+        if value is None:
+            reserved.pop(key, None)
+        else:
+            reserved[key] = value
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 class SequenceGuard:
-    """Reservations in ``path`` (JSON, mode 0600, replaced atomically)."""
+    """Reservations in ``path`` (mode 0600): a snapshot line, then a line per
+    change appended with fsync (see :func:`read_reservations`), so a change
+    costs one short write however many SAs there are; the file is rewritten,
+    atomically, once the changes outnumber the reservations."""
 
     def __init__(self, path: str, jump: int = JUMP) -> None:
         self.path = path
         self.jump = jump
-        self.reserved: dict[str, int] = {}   # what is on disk
-        self._live: dict[str, Any] = {}     # sa id -> engine SA
-        self._start: dict[str, tuple] = {}  # sa id -> (engine SA, its counter when protected)
-        self._live_version = object()       # replaced whenever _live changes
-        self._arrays: Optional[tuple] = None         # (version, keys, engines, limits)
-        self._arrays_reserved: Optional[dict] = None  # the reservations the limits are of
+        self.reserved: dict[str, int] = read_reservations(path)   # what is on disk
         self.failed: Optional[FatalError] = None
-        try:
-            with open(path) as f:
-                data = json.load(f)
-            self.reserved = {str(k): int(v) for k, v in data.get("reserved", {}).items()}
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError, AttributeError) as e:
-            raise ConfigError(f"{path}: unreadable sequence reservations ({e}); "
-                              "remove it only if every SA in it has been rekeyed") from None
+        self._log: Optional[int] = None     # the file, open for appending changes
+        self._changes = 0                   # change lines after its snapshot
+        # The live SAs, each in a slot of arrays the check compares in one go.
+        self._slot: dict[str, int] = {}     # sa id -> slot
+        self._keys: list[Optional[str]] = []
+        self._engines: list[Any] = []
+        self._free: list[int] = []
+        self._sweep = OseqSweep()           # the engine SAs' counters, by slot
+        self._odd: dict[int, Any] = {}      # slot -> a stand-in for an engine SA (tests)
+        self._limits = np.zeros(0, np.uint64)   # counter at which a slot is due
+        self._start: dict[str, tuple] = {}  # sa id -> (engine SA, its counter when protected)
 
     def protect(self, info: Any, engine: Any) -> None:
         """Start ``engine``'s outbound counter past anything a previous run may have
@@ -87,29 +137,28 @@ class SequenceGuard:
     def protect_all(self, sas: list) -> None:
         """:meth:`protect` for many ``(info, engine)`` at once, with one write of the
         file (loading 100,000 SAs at start does not write it 100,000 times)."""
-        pending = dict(self.reserved)
+        changes: dict[str, Optional[int]] = {}
         fresh = []
         for info, engine in sas:
             key = sa_id(info)
-            if self._live.get(key) is engine:
+            slot = self._slot.get(key)
+            if slot is not None and self._engines[slot] is engine:
                 continue    # an update of an SA already protected: its counter is covered
-            start = pending.get(key, 0)
+            start = changes.get(key) or self.reserved.get(key, 0)
             if engine.oseq < start:
                 engine.oseq = start
-            pending[key] = max(start, engine.oseq + self.jump)
+            changes[key] = max(start, engine.oseq + self.jump)
             fresh.append((key, engine))
         if not fresh:
             return
         try:
-            self._write(pending)           # on disk first: memory never runs ahead of it
-        except OSError as e:
+            self._commit(changes)          # on disk first: memory never runs ahead of it
+        except FatalError:
             for _, engine in fresh:
                 engine.kill()
-            raise self._fail(e) from None
-        self.reserved = pending
-        self._live_version = object()
+            raise
         for key, engine in fresh:
-            self._live[key] = engine
+            self._track(key, engine)
             self._start[key] = (engine, engine.oseq)
 
     def check(self) -> None:
@@ -121,8 +170,7 @@ class SequenceGuard:
         reserved, quarter = self.reserved, self.jump // 4
         for key, engine in self._due():
             if engine.dead:
-                del self._live[key]
-                self._live_version = object()
+                self._untrack(key)
                 started, start = self._start.pop(key)
                 if started is engine and engine.oseq == start:
                     # It sent nothing: no number above ``start`` was used under its key,
@@ -133,57 +181,116 @@ class SequenceGuard:
             oseq = engine.oseq
             if oseq + quarter > reserved.get(key, 0):
                 changes[key] = oseq + self.jump
-        if changes:   # the copy only when something is due (100,000 SAs: not each round)
-            pending = dict(reserved)
-            for key, value in changes.items():
-                if value is None:
-                    pending.pop(key, None)
-                else:
-                    pending[key] = value
-            try:
-                self._write(pending)
-            except OSError as e:
-                raise self._fail(e) from None
-            self.reserved = pending
+        if changes:
+            self._commit(changes)
+
+    # ------------------------------------------------------------ the live SAs
+
+    def _track(self, key: str, engine: Any) -> None:
+        slot = self._slot.get(key)
+        if slot is None:
+            if not self._free:
+                self._grow()
+            slot = self._free.pop()
+            self._slot[key] = slot
+            self._keys[slot] = key
+        self._engines[slot] = engine
+        self._odd.pop(slot, None)
+        try:
+            self._sweep.put(slot, engine)
+        except TypeError:
+            self._sweep.clear(slot)
+            self._odd[slot] = engine
+        self._limits[slot] = self._limit(key)
+
+    def _untrack(self, key: str) -> None:
+        slot = self._slot.pop(key)
+        self._keys[slot] = self._engines[slot] = None
+        self._odd.pop(slot, None)
+        self._sweep.clear(slot)
+        self._limits[slot] = NEVER
+        self._free.append(slot)
+
+    def _grow(self) -> None:
+        n = len(self._keys)
+        size = max(64, 2 * n)
+        self._sweep.resize(size)
+        self._limits = np.concatenate([self._limits, np.full(size - n, NEVER, np.uint64)])
+        self._keys += [None] * (size - n)
+        self._engines += [None] * (size - n)
+        self._free += range(size - 1, n - 1, -1)
+
+    def _limit(self, key: str) -> int:
+        return max(self.reserved.get(key, 0) - self.jump // 4, 0)
 
     def _due(self) -> list:
         """The live SAs that are dead or within a quarter jump of their reservation:
         the counters of all are read in C and compared with numpy, so a check
         costs about a millisecond per 100,000 SAs, not a Python loop over them."""
-        if self._arrays is None or self._arrays[0] is not self._live_version:
-            keys = list(self._live)
-            engines = [self._live[k] for k in keys]
-            self._arrays = (self._live_version, keys, engines, None)
-        _, keys, engines, limits = self._arrays
-        if limits is None or self._arrays_reserved is not self.reserved:
-            limits = np.array([max(self.reserved.get(k, 0) - self.jump // 4, 0) for k in keys],
-                              dtype=np.uint64)
-            self._arrays = self._arrays[:3] + (limits,)
-            self._arrays_reserved = self.reserved
-        if not keys:
+        if not self._slot:
             return []
+        oseq, dead = self._sweep.read()
+        for slot, engine in self._odd.items():
+            oseq[slot], dead[slot] = engine.oseq, bool(engine.dead)
+        hit = np.flatnonzero(dead | (oseq >= self._limits))
+        return [(self._keys[i], self._engines[i]) for i in hit]
+
+    # ------------------------------------------------------------ the file
+
+    def _commit(self, changes: dict[str, Optional[int]]) -> None:
+        """Put ``changes`` (sa id -> reservation, None to drop it) on disk, then in
+        memory; :class:`FatalError` when they could not be written."""
+        if self.failed is not None:
+            raise self.failed
         try:
-            oseq, dead = oseq_array(engines)
-        except TypeError:   # stand-ins for engine SAs (tests): read them one by one
-            oseq = np.array([e.oseq for e in engines], dtype=np.uint64)
-            dead = np.array([bool(e.dead) for e in engines])
-        hit = np.flatnonzero(dead | (oseq >= limits))
-        return [(keys[i], engines[i]) for i in hit]
+            if self._log is None or self._changes >= max(COMPACT_MIN, len(self.reserved)):
+                pending = dict(self.reserved)
+                _apply(pending, changes)
+                self._rewrite(pending)
+                self.reserved = pending
+            else:
+                line = json.dumps({"set": {k: v for k, v in changes.items() if v is not None},
+                                   "drop": [k for k, v in changes.items() if v is None]})
+                _write_all(self._log, (line + "\n").encode())
+                os.fsync(self._log)
+                self._changes += 1
+                _apply(self.reserved, changes)
+        except OSError as e:
+            raise self._fail(e) from None
+        for key in changes:
+            slot = self._slot.get(key)
+            if slot is not None:
+                self._limits[slot] = self._limit(key)
+
+    def _rewrite(self, reserved: dict) -> None:
+        """The snapshot, replacing the file atomically; later changes append to it."""
+        tmp = f"{self.path}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            _write_all(fd, (json.dumps({"reserved": reserved}) + "\n").encode())
+            os.fsync(fd)
+            os.replace(tmp, self.path)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        if self._log is not None:
+            os.close(self._log)
+        self._log = fd      # open on the renamed file: appends go to the new one
+        os.lseek(fd, 0, os.SEEK_END)
+        self._changes = 0
+
+    def close(self) -> None:
+        if self._log is not None:
+            os.close(self._log)
+            self._log = None
 
     def _fail(self, e: OSError) -> FatalError:
         self.failed = FatalError(f"{self.path}: cannot write the sequence reservations "
                                  f"({e.strerror or e}); sending on could repeat a nonce "
                                  "after a restart")
         return self.failed
-
-    def _write(self, reserved: dict) -> None:
-        tmp = f"{self.path}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"reserved": reserved}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
 
     def attach(self, xfrm: Any) -> None:
         """Protect every SA of ``xfrm`` now and each one added or made valid later."""

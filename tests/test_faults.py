@@ -263,10 +263,20 @@ def test_a_full_state_directory_stops_the_daemon_before_a_nonce_could_repeat():
             assert _ask(control, {"op": "status"})["ok"]
             sh("nsenter", "-t", str(proc.pid), "-m", "sh", "-c",
                f"dd if=/dev/zero of={state}/fill bs=4k 2>/dev/null; true")
-            answer = _ask(control, {"op": "xfrm", "line": (
-                "ip xfrm state add src 192.0.2.1 dst 192.0.2.9 proto esp spi 0x5151 "
-                f"mode tunnel aead 'rfc4106(gcm(aes))' {keys(1)[0]} 128")})
-            assert answer["ok"], answer                # accepted, as the kernel would ...
+            # A reservation is a line appended to the file: the first few fit in
+            # its last page; SAs are added until one does not.
+            answers = []
+            for spi in range(0x5151, 0x5151 + 400):
+                try:
+                    answers.append(_ask(control, {"op": "xfrm", "line": (
+                        f"ip xfrm state add src 192.0.2.1 dst 192.0.2.9 proto esp "
+                        f"spi {spi:#x} mode tunnel aead 'rfc4106(gcm(aes))' "
+                        f"{keys(1)[0]} 128")}))
+                except OSError:
+                    break                              # the daemon went while answering
+                if proc.poll() is not None:
+                    break
+            assert answers and all(a["ok"] for a in answers), answers[-3:]  # as the kernel
             assert _wait(lambda: proc.poll() is not None, 10), "the daemon did not stop"
         finally:
             if proc.poll() is None:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 
 from espdp.errors import ConfigError
-from espdp.seqguard import SequenceGuard, sa_id
+from espdp.seqguard import SequenceGuard, read_reservations, sa_id
 from espdp.xfrm import Xfrm
 
 KEY = "0x" + "ab" * 20
@@ -49,7 +48,7 @@ def test_sa_added_later_is_protected_before_it_sends(tmp_path):
     guard.attach(x)
     x.execute(SA, 0)
     sa = x.sad.table[0]
-    reserved = json.loads(path.read_text())["reserved"]
+    reserved = read_reservations(str(path))
     assert reserved == {sa_id(x.sad.dump()[0].info): 100} and sa.oseq == 0
 
 
@@ -112,7 +111,7 @@ def test_an_update_of_a_live_sa_does_not_move_its_counter(tmp_path):
     for soft in range(100, 105):
         x.execute(SA.replace("state add", "state update") + f" limit time-soft {soft}", 0)
     assert sa.oseq == 10
-    reserved = json.loads((tmp_path / "g.json").read_text())["reserved"]
+    reserved = read_reservations(str(tmp_path / "g.json"))
     assert list(reserved.values()) == [1000]
 
 
@@ -134,7 +133,7 @@ def test_reservations_of_sas_that_never_sent_do_not_pile_up(tmp_path):
     sent.oseq = 5
     x.execute(SA.replace("state add", "state delete").split(" reqid")[0], 0)
     guard.check()
-    reserved = json.loads(path.read_text())["reserved"]
+    reserved = read_reservations(str(path))
     assert reserved == {sa_id_of(SA): 1000}            # the one that sent keeps its own
     assert len(guard.reserved) == 1
 
@@ -143,3 +142,82 @@ def sa_id_of(line: str) -> str:
     x = Xfrm()
     x.execute(line, 0)
     return sa_id(x.sad.dump()[0].info)
+
+
+def _guarded(path, n: int, jump: int = 1000):
+    """``n`` SAs (distinct SPIs) under a guard on ``path``."""
+    x = Xfrm()
+    for spi in range(0x100, 0x100 + n):
+        x.execute(SA.replace("spi 0x10", f"spi {spi:#x}"), 0)
+    guard = SequenceGuard(str(path), jump=jump)
+    guard.attach(x)
+    return x, guard
+
+
+def test_a_reservation_appends_a_line_and_does_not_rewrite_every_sa(tmp_path):
+    # Each reservation used to rewrite the whole file with fsync: with 100,000
+    # SAs a busy SA's next reservation stalled the daemon's loop for 0.15 s.
+    path = tmp_path / "g.json"
+    x, guard = _guarded(path, 300)
+    size, inode = path.stat().st_size, path.stat().st_ino
+    sa = x.sad.table[5]
+    for step in range(1, 6):
+        sa.oseq = step * 1000
+        guard.check()
+    assert path.stat().st_ino == inode                  # not replaced
+    assert path.stat().st_size - size < 5 * 150         # five short lines
+    assert len(path.read_text().splitlines()) == 6
+    key = sa_id(x.sad.state_of(sa).info)
+    assert read_reservations(str(path))[key] == 6000 == guard.reserved[key]
+    assert read_reservations(str(path)) == guard.reserved
+
+
+def test_the_file_is_rewritten_once_changes_outnumber_reservations(tmp_path, monkeypatch):
+    monkeypatch.setattr("espdp.seqguard.COMPACT_MIN", 4)
+    path = tmp_path / "g.json"
+    x, guard = _guarded(path, 3)
+    sa = x.sad.table[0]
+    lines = []
+    for step in range(1, 12):
+        sa.oseq = step * 1000
+        guard.check()
+        lines.append(len(path.read_text().splitlines()))
+    assert lines == [2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2]    # 4 changes, then a snapshot
+    assert read_reservations(str(path)) == guard.reserved
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_change_cut_short_by_a_crash_is_left_out_and_a_broken_one_refused(tmp_path):
+    path = tmp_path / "g.json"
+    x, guard = _guarded(path, 2)
+    before = dict(guard.reserved)
+    with open(path, "a") as f:
+        f.write('{"set": {"abc": 99')                   # no newline: its fsync never returned
+    assert read_reservations(str(path)) == before
+    assert SequenceGuard(str(path)).reserved == before
+    with open(path, "a") as f:
+        f.write('\n{"set": {}, "drop": []}\n')          # now a broken line in the middle
+    with pytest.raises(ConfigError, match="unreadable sequence reservations"):
+        SequenceGuard(str(path))
+
+
+def test_the_file_of_an_earlier_version_is_read(tmp_path):
+    path = tmp_path / "g.json"
+    path.write_text('{"reserved": {"abc": 4194304}}')   # one JSON object, no newline
+    assert read_reservations(str(path)) == {"abc": 4194304}
+
+
+def test_a_restart_after_appended_changes_starts_past_them(tmp_path):
+    path = tmp_path / "g.json"
+    x, guard = _guarded(path, 50)
+    sa = x.sad.table[7]
+    key = sa_id(x.sad.state_of(sa).info)
+    for step in range(1, 4):
+        sa.oseq = step * 800
+        guard.check()
+    guard.close()
+    y, _ = _guarded(path, 50)
+    [again] = [s.engine for s in y.sad.dump() if sa_id(s.info) == key]
+    assert again.oseq >= 2400 + 1                          # past every number used
+    others = [s.engine.oseq for s in y.sad.dump() if sa_id(s.info) != key]
+    assert set(others) == {1000}                           # the reservations of the rest
