@@ -327,6 +327,18 @@ class Dataplane:
             self.send_keepalives()
         return events
 
+    def take_used(self, other: Dataplane) -> None:
+        """Count the SAs ``other`` (another worker's dataplane) sent with as used
+        here, so that this one, which runs the timers, keeps their NAT mappings
+        alive; ``other`` forgets those that are gone."""
+        for index, sa in list(other._used.items()):
+            if sa.dead:
+                if other._used.get(index) is sa:
+                    other._used.pop(index, None)
+                    other._fits.pop(index, None)
+            elif self._used.get(index) is not sa:
+                self._used[index] = sa
+
     def send_keepalives(self) -> int:
         """One NAT keepalive to the peer of each UDP-encapsulated SA used for
         output that sent nothing since the previous call."""

@@ -224,6 +224,8 @@ class Tunnel:
         now = self.clock()
         with self.lock:
             if now >= self._next_tick:
+                for w in self.workers:
+                    self.dataplane.take_used(w.dp)
                 self.dataplane.tick(now)
                 self._next_tick = now + self.tick_interval
             for callback in self._after:

@@ -172,3 +172,34 @@ def test_packets_without_a_socket_of_their_kind_are_each_counted():
     dp.handle_tun(now=1)
     assert dp.counters.policy_drops == {"no_ipv4_udp_socket": 5}
     assert esp_wire.written == [] and dp.counters.sent == 0
+
+
+class Wire(Device):
+    def __init__(self) -> None:
+        super().__init__()
+        self.keepalives: list = []
+
+    def send_keepalive(self, addr) -> None:
+        self.keepalives.append(addr)
+
+
+def test_keepalives_cover_the_sas_other_workers_send_with():
+    # Only worker 0 runs the timers; an SA that only worker 1 had sent with got
+    # no NAT keepalive once idle, and its NAT mapping could lapse.
+    x = Xfrm()
+    for line in SAS + LINES["a"]:
+        x.execute(line, now=0)
+    x.sad.table.set_workers(2)
+    wire0, wire1 = Wire(), Wire()
+    first = Dataplane(x, Device(), {4: wire0}, keepalive_interval=20)
+    other = Dataplane(x, Device(), {4: wire1}, worker=1)
+    other.tun.inbox.append(packet("10.9.2.1"))
+    other.handle_tun(now=1)
+    assert len(wire1.written) == 1
+    first.take_used(other)
+    first.send_keepalives()                  # the baseline: it has just sent
+    assert first.send_keepalives() == 1      # idle since: one keepalive, from worker 0
+    assert wire0.keepalives == [("192.0.2.2", 4500)]
+    x.execute("ip xfrm state delete src 192.0.2.1 dst 192.0.2.2 proto esp spi 0x101", now=2)
+    first.take_used(other)                   # gone: the worker forgets it
+    assert other._used == {} and first.send_keepalives() == 0
