@@ -9,7 +9,9 @@ random keys) that sit in the SAD and the engine's table beside
 the one the traffic uses.  For each N, in alternating rounds: iperf3 TCP with
 one stream (bench/e2e.py's measure), and the resident memory of each daemon
 (VmRSS) once the SAs are in.  Memory per SA is (RSS(N) - RSS(1)) / (N - 1);
-the throughput ratio to N = 1 says what the lookup costs at that scale.
+the throughput ratio to N = 1 and the ratio of CPU per Gbit/s (both tunnel
+processes: the per-packet cost, steadier than throughput on a shared machine)
+say what the SAs cost at that scale.
 Writes ``scale.json`` and ``scale.png`` beside it (--out).
 """
 
@@ -85,6 +87,10 @@ def run(sizes: list[int], runs: int, seconds: float) -> dict:
                     lab.daemons.clear()
                 row = {"round": r + 1, "sas": n, "load_s": round(load_s, 1),
                        "rss_kib": list(rss.values()), **figures}
+                # the per-packet cost: CPU of both tunnel processes per Gbit/s carried
+                row["cpu_percent_per_gbit"] = round(
+                    (figures["cpu_a_percent"] + figures["cpu_b_percent"])
+                    / max(figures["mbit_s"], 1) * 1000, 2)
                 results["raw"].append(row)
                 log(f"round {r + 1}/{runs}  {n:>7} SAs  loaded in {load_s:5.1f}s  "
                     f"RSS {max(rss.values()) / 1024:7.1f} MiB  {figures['mbit_s']:8.1f} Mbit/s  "
@@ -96,11 +102,15 @@ def run(sizes: list[int], runs: int, seconds: float) -> dict:
                       "min": min(x["mbit_s"] for x in rows),
                       "max": max(x["mbit_s"] for x in rows),
                       "median_rss_kib": statistics.median(max(x["rss_kib"]) for x in rows),
-                      "median_load_s": statistics.median(x["load_s"] for x in rows)}
+                      "median_load_s": statistics.median(x["load_s"] for x in rows),
+                      "median_cpu_percent_per_gbit": statistics.median(
+                          x["cpu_percent_per_gbit"] for x in rows)}
     base = summary[sizes[0]]
     for n in sizes[1:]:
         s = summary[n]
         s["throughput_ratio_to_1"] = s["median_mbit_s"] / base["median_mbit_s"]
+        s["cost_ratio_to_1"] = (s["median_cpu_percent_per_gbit"]
+                                / base["median_cpu_percent_per_gbit"])
         s["bytes_per_sa"] = round((s["median_rss_kib"] - base["median_rss_kib"]) * 1024
                                   / (n - sizes[0]))
     results["summary"] = {str(n): v for n, v in summary.items()}
@@ -132,7 +142,8 @@ def chart(results: dict, path: Path) -> None:
     ax2.grid(alpha=0.3)
     last = summary[str(sizes[-1])]
     fig.suptitle(f"espdp with many SAs: {sizes[-1]:,} SAs give "
-                 f"{last.get('throughput_ratio_to_1', 1):.2f} of the throughput with 1, "
+                 f"{last.get('throughput_ratio_to_1', 1):.2f} of the throughput with 1 "
+                 f"at {last.get('cost_ratio_to_1', 1):.2f} times its CPU per bit, "
                  f"{last.get('bytes_per_sa', 0)} bytes per SA", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -159,7 +170,8 @@ def main() -> int:
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     chart(results, args.out.with_suffix(".png"))
     for n, s in results["summary"].items():
-        extra = (f"  x{s['throughput_ratio_to_1']:.2f} of 1 SA, {s['bytes_per_sa']} B/SA"
+        extra = (f"  x{s['throughput_ratio_to_1']:.2f} of 1 SA's throughput, "
+                 f"x{s['cost_ratio_to_1']:.2f} its CPU per bit, {s['bytes_per_sa']} B/SA"
                  if "bytes_per_sa" in s else "")
         print(f"{int(n):>7} SAs: {s['median_mbit_s']:8.1f} Mbit/s ({s['min']:.0f}-{s['max']:.0f}),"
               f" RSS {s['median_rss_kib'] / 1024:.1f} MiB, loaded in {s['median_load_s']}s{extra}")

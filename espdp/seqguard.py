@@ -282,9 +282,19 @@ class SequenceGuard:
         self._changes = 0
 
     def close(self) -> None:
-        if self._log is not None:
-            os.close(self._log)
-            self._log = None
+        """Once nothing sends any more (the daemon's last step): the reservations
+        of SAs that sent nothing go back to where they started, as :meth:`check`
+        does for deleted ones, so the file keeps only SAs that sent."""
+        if self._log is None:
+            return
+        if self.failed is None:
+            changes = {key: start or None for key, (engine, start) in self._start.items()
+                       if engine.oseq == start and self.reserved.get(key) != start}
+            if changes:
+                with contextlib.suppress(FatalError):   # it stays reserved: no harm
+                    self._commit(changes)
+        os.close(self._log)
+        self._log = None
 
     def _fail(self, e: OSError) -> FatalError:
         self.failed = FatalError(f"{self.path}: cannot write the sequence reservations "

@@ -220,4 +220,17 @@ def test_a_restart_after_appended_changes_starts_past_them(tmp_path):
     [again] = [s.engine for s in y.sad.dump() if sa_id(s.info) == key]
     assert again.oseq >= 2400 + 1                          # past every number used
     others = [s.engine.oseq for s in y.sad.dump() if sa_id(s.info) != key]
-    assert set(others) == {1000}                           # the reservations of the rest
+    assert set(others) == {0}               # the rest sent nothing: no reservation kept
+
+
+def test_a_clean_stop_keeps_only_the_sas_that_sent(tmp_path):
+    path = tmp_path / "g.json"
+    x, guard = _guarded(path, 100)
+    sa = x.sad.table[3]
+    key = sa_id(x.sad.state_of(sa).info)
+    sa.oseq = 17
+    guard.check()
+    guard.close()
+    assert read_reservations(str(path)) == {key: 1000}
+    y, _ = _guarded(path, 100)                       # the next run: still past 17
+    assert [s.engine.oseq for s in y.sad.dump() if sa_id(s.info) == key] == [1000]
