@@ -48,7 +48,8 @@ logger = logging.getLogger(__name__)
 BATCH = 64
 FLOW_CACHE = 4096   # flows remembered per direction
 SLOT = 2048 + 256
-IPPROTO_UDP = 17
+# (family, UDP or not) of PacketBatch.sent_groups' four lists
+OUTER_GROUPS = ((4, True), (4, False), (6, True), (6, False))
 # What reading a TUN fd says once its device was deleted (ip link del): EBADFD.
 TUN_GONE = (errno.EBADFD, errno.ENODEV, errno.ENXIO)
 
@@ -212,32 +213,20 @@ class Dataplane:
             self.cluster_filter.outbound(batch)
         # Slots without an SA come back from the engine as no_sa: they were counted.
         self.xfrm.sad.table.encrypt(batch, self.worker)
-        n = batch.count
-        have = batch.sa[:n] >= 0
-        verdict = batch.verdict[:n]
-        for i in np.flatnonzero(have & (verdict != 0)):
-            self.counters.drop(self.counters.engine_drops, VERDICTS[verdict[i]])
-        good = np.flatnonzero(have & (verdict == 0))
-        if not len(good):
-            return
-        # Each packet leaves by the socket of its outer family and kind (UDP or ESP),
-        # grouped per batch with numpy: no Python per packet.
-        off = batch.offset[good].astype(np.intp)
-        v4 = batch.data[good, off] >> 4 == 4
-        proto = np.where(v4, batch.data[good, off + 9], batch.data[good, off + 6])
-        udp = proto == IPPROTO_UDP
-        for family, fam_mask in ((4, v4), (6, ~v4)):
-            for is_udp, kind_mask in ((True, udp), (False, ~udp)):
-                indexes = good[fam_mask & kind_mask]
-                if not len(indexes):
-                    continue
-                device = (self.sockets if is_udp else self.esp_sockets).get(family)
-                if device is None:
-                    kind = "udp" if is_udp else "esp"
-                    self.counters.drop(self.counters.policy_drops,
-                                       f"no_ipv{family}_{kind}_socket", len(indexes))
-                    continue
-                self.counters.sent += device.write_batch(batch, indexes.tolist())
+        failed, groups = batch.sent_groups()
+        for verdict in failed:
+            self.counters.drop(self.counters.engine_drops, VERDICTS[verdict])
+        # Each packet leaves by the socket of its outer family and kind (UDP or ESP).
+        for (family, is_udp), indexes in zip(OUTER_GROUPS, groups, strict=True):
+            if not indexes:
+                continue
+            device = (self.sockets if is_udp else self.esp_sockets).get(family)
+            if device is None:
+                kind = "udp" if is_udp else "esp"
+                self.counters.drop(self.counters.policy_drops,
+                                   f"no_ipv{family}_{kind}_socket", len(indexes))
+                continue
+            self.counters.sent += device.write_batch(batch, indexes)
 
     def flush_queued(self, now: float) -> int:
         """Send the packets held while acquiring whose SA has arrived."""
@@ -279,17 +268,14 @@ class Dataplane:
                               for i in range(n)])
         table = self.xfrm.sad.table
         table.decrypt(batch, self.worker)
-        verdict, flags = batch.verdict[:n], batch.flags[:n]
-        for i in np.flatnonzero(verdict):
-            self.counters.drop(self.counters.engine_drops, VERDICTS[verdict[i]])
-        ok = verdict == 0
-        mapped = np.flatnonzero(ok & (flags & FLAG_MAPPING != 0))
+        failed, mapped = batch.received_verdicts(FLAG_MAPPING)
+        for verdict in failed:
+            self.counters.drop(self.counters.engine_drops, VERDICTS[verdict])
         # (SA, mark, flow) accepted before in this generation: flagged in C; the
-        # others are checked against the inbound policies here.
+        # others are checked against the inbound policies here, and flagged.
         generation = self.xfrm.generation
         unchecked = self._accepted.check(batch, generation)
-        accepted = ok & (flags & FLAG_ACCEPTED != 0)
-        if len(mapped) or len(unchecked):
+        if mapped or len(unchecked):
             with self.lock:   # the slow path: the model decides (workers share it)
                 for i in mapped:
                     sa = table.get(int(batch.sa[i]))
@@ -302,15 +288,10 @@ class Dataplane:
                             sa, flow, now, mark=int(batch.mark[i])):
                         self.counters.drop(self.counters.policy_drops, "inbound_policy")
                         continue
-                    accepted[i] = True
+                    batch.flags[i] |= FLAG_ACCEPTED
                     if self.xfrm.generation == generation:
                         self._accepted.insert(batch, i, generation)
-        if self.injector is not None:
-            marked = batch.mark[:n] != 0
-            to_tun = np.flatnonzero(accepted & ~marked).tolist()
-            to_kernel = np.flatnonzero(accepted & marked).tolist()
-        else:
-            to_tun, to_kernel = np.flatnonzero(accepted).tolist(), []
+        to_tun, to_kernel = batch.accepted_slots(FLAG_ACCEPTED, self.injector is not None)
         if to_tun:
             self.counters.tun_out += self.tun.write_batch(batch, to_tun)
         if to_kernel:

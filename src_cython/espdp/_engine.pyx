@@ -339,6 +339,56 @@ cdef class PacketBatch:
         v = VERDICTS[self.verdict_p[i]]
         return v, (self.packet(i) if v == "ok" else None), self.mark_p[i]
 
+    # What the dataplane does with a batch after the engine, sorted in one pass in
+    # C: numpy did it in a dozen whole-array operations per batch.
+
+    def sent_groups(self):
+        """After :meth:`SATable.encrypt`: ``(failed, groups)``, the verdicts of the
+        slots with an SA that failed, and the slots encrypted in four lists by
+        outer packet: IPv4 UDP, IPv4 ESP, IPv6 UDP, IPv6 ESP."""
+        cdef list failed = []
+        cdef list groups = [[], [], [], []]
+        cdef int i, g
+        cdef const uint8_t *p
+        for i in range(self.count):
+            if self.sa_p[i] < 0:
+                continue
+            if self.verdict_p[i]:
+                failed.append(self.verdict_p[i])
+                continue
+            p = self.buf + <size_t> i * self.slot_size + self.off_p[i]
+            if p[0] >> 4 == 4:
+                g = 0 if p[9] == 17 else 1     # IPPROTO_UDP
+            else:
+                g = 2 if p[6] == 17 else 3
+            (<list> groups[g]).append(i)
+        return failed, groups
+
+    def received_verdicts(self, uint8_t mapping_flag):
+        """After :meth:`SATable.decrypt`: ``(failed, mapped)``, the verdicts of the
+        slots that failed, and the slots decrypted that carry ``mapping_flag``."""
+        cdef list failed = [], mapped = []
+        cdef int i
+        for i in range(self.count):
+            if self.verdict_p[i]:
+                failed.append(self.verdict_p[i])
+            elif self.flags_p[i] & mapping_flag:
+                mapped.append(i)
+        return failed, mapped
+
+    def accepted_slots(self, uint8_t accepted_flag, bint split_marked):
+        """``(plain, marked)``: the slots decrypted that carry ``accepted_flag``,
+        those with a mark apart when ``split_marked`` (else all in ``plain``)."""
+        cdef list plain = [], marked = []
+        cdef int i
+        for i in range(self.count):
+            if self.verdict_p[i] == 0 and self.flags_p[i] & accepted_flag:
+                if split_marked and self.mark_p[i]:
+                    marked.append(i)
+                else:
+                    plain.append(i)
+        return plain, marked
+
 
 cdef inline uint32_t _hash(uint32_t spi, uint32_t nslots) noexcept nogil:
     return ((spi * <uint32_t> 0x9E3779B1) ^ (spi >> 16)) & (nslots - 1)
