@@ -223,15 +223,15 @@ while c.recv(65536): pass
 
 
 def ping_from_espdp(peer: KernelPeer, fam: int) -> tuple[bool, str]:
-    proc = sh("ping", f"-{fam}", "-c", "3", "-i", "0.3", "-W", "3", VM_INNER[fam],
+    proc = sh("ping", f"-{fam}", "-c", "2", "-i", "0.2", "-W", "3", VM_INNER[fam],
               ns=peer.ns, check=False, timeout=40)
     return proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def ping_from_kernel(peer: KernelPeer, fam: int) -> tuple[bool, str]:
     cmd = "ping" if fam == 4 else "ping6"
-    out = peer.vm.run(f"{cmd} -c 2 -W 3 -I {VM_INNER[fam]} {ESPDP_INNER[fam]}", check=False,
-                      timeout=60)
+    out = peer.vm.run(f"{cmd} -c 2 -i 0.2 -W 3 -I {VM_INNER[fam]} {ESPDP_INNER[fam]}",
+                      check=False, timeout=60)
     return peer.vm.last_rc == 0, out
 
 
@@ -242,8 +242,10 @@ def tcp_espdp_to_kernel(peer: KernelPeer, fam: int, port: int) -> tuple[bool, st
     proc = subprocess.run(["ip", "netns", "exec", peer.ns, sys.executable, "-c", _CLIENT,
                            VM_INNER[fam], str(port)], input=data, capture_output=True,
                           timeout=90)
-    out = peer.vm.run("for i in $(seq 50); do kill -0 $(cat /tmp/nc.pid) 2>/dev/null || break;"
-                      " sleep 0.2; done; kill $(cat /tmp/nc.pid) 2>/dev/null;"
+    # Until the file is whole (nc closed the connection, so it has written all it
+    # will): waiting for nc itself to be gone cost 3 s a case.
+    out = peer.vm.run(f"for i in $(seq 50); do [ $(wc -c < /tmp/rx) -ge {TCP_BYTES} ] && break;"
+                      " sleep 0.1; done; kill $(cat /tmp/nc.pid) 2>/dev/null;"
                       " wc -c < /tmp/rx; sha256sum /tmp/rx; cat /tmp/nc.err", check=False)
     want = hashlib.sha256(data).hexdigest()
     ok = proc.returncode == 0 and want in out

@@ -104,14 +104,16 @@ class VM:
         except (BrokenPipeError, OSError) as e:
             raise VMError(f"VM console closed ({e}); console:\n{self.console_log()}") from None
 
-    def _exchange(self, line: str, good: str, what: str, tries: int = 8) -> None:
+    def _exchange(self, line: str, good: str, what: str, tries: int = 24) -> None:
         """Send ``line`` until the VM answers ``good`` (a lost byte costs a retry)."""
         for _ in range(tries):
             with self._cond:
                 start = len(self._buf)
             self._send(line)
             try:
-                if self._wait_for(good.encode(), start, 3, also=b"@@NAK ") >= 0:
+                # A lost line is sent again after a second (resending is harmless:
+                # the server acknowledges a chunk it has and runs a command once).
+                if self._wait_for(good.encode(), start, 1, also=b"@@NAK ") >= 0:
                     return
             except VMError as e:
                 if "qemu exited" in str(e):
