@@ -44,7 +44,8 @@ if ((${#tests[@]} == 0)); then
     tests=(tests/test_bad_packets.py tests/test_engine_semantics.py tests/test_engine_state.py
            tests/test_known_answers.py tests/test_replay.py tests/test_scapy_interop.py
            tests/test_pcap.py tests/test_io_mmsg.py tests/test_pmtu.py tests/test_flow_key.py
-           tests/test_flow_cache.py tests/test_fuzz_targets.py)
+           tests/test_flow_cache.py tests/test_fuzz_targets.py tests/test_seqguard.py
+           tests/test_dataplane.py tests/test_workers.py)
 fi
 export LD_PRELOAD="$runtime" PYTHONPATH="$out"
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1

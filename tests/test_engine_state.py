@@ -88,3 +88,26 @@ def test_killed_sa_sends_nothing():
     sa.kill()
     assert sa.encrypt_packet(inner_packet())[0] == "no_sa"
     assert sa.dead
+
+
+def test_oseq_sweep_reads_counters_by_slot():
+    from espdp.engine import OseqSweep
+
+    a, b = SA(sa_info(spi=0x21)), SA(sa_info(spi=0x22))
+    sweep = OseqSweep([a])
+    sweep.resize(3)                        # grows, the SA stays in slot 0
+    sweep.resize(1)                        # never shrinks
+    sweep.put(2, b)
+    a.oseq, b.oseq = 7, 9
+    b.kill()
+    oseq, dead = sweep.read()
+    assert oseq.tolist() == [7, 0, 9] and dead.tolist() == [False, False, True]
+    sweep.clear(2)
+    oseq, dead = sweep.read()
+    assert oseq.tolist() == [7, 0, 0] and not dead.any() and len(sweep) == 3
+    with pytest.raises(TypeError):
+        sweep.put(1, object())
+    with pytest.raises(IndexError):
+        sweep.put(3, a)
+    with pytest.raises(IndexError):
+        sweep.clear(-1)
