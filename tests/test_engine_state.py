@@ -111,3 +111,15 @@ def test_oseq_sweep_reads_counters_by_slot():
         sweep.put(3, a)
     with pytest.raises(IndexError):
         sweep.clear(-1)
+
+
+def test_copy_from_with_head_copies_only_the_first_bytes():
+    from espdp.engine import PacketBatch
+
+    template, work = PacketBatch(4), PacketBatch(4)
+    template.add(bytes(range(100)))
+    work.add(b"\xff" * 100)
+    work.copy_from(template, 10)
+    assert work.packet(0) == bytes(range(10)) + b"\xff" * 90
+    work.copy_from(template)
+    assert work.packet(0) == bytes(range(100))

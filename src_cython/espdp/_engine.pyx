@@ -312,9 +312,11 @@ cdef class PacketBatch:
         self.count = i + 1
         return i
 
-    def copy_from(self, PacketBatch other):
+    def copy_from(self, PacketBatch other, uint32_t head=0xFFFFFFFF):
         """Make this batch a copy of ``other`` (same geometry), without the GIL:
-        how a benchmark refills a batch with the same packets."""
+        how a benchmark refills a batch with the same packets.  With ``head``,
+        only the first ``head`` bytes of each packet are copied (its headers);
+        the rest of each slot keeps what it held."""
         cdef int i
         if other.slot_size != self.slot_size or other.capacity > self.capacity:
             raise ConfigError("copy_from needs batches of the same geometry")
@@ -322,7 +324,7 @@ cdef class PacketBatch:
             for i in range(other.count):
                 memcpy(self.buf + <size_t> i * self.slot_size + other.off_p[i],
                        other.buf + <size_t> i * other.slot_size + other.off_p[i],
-                       other.len_p[i])
+                       min(other.len_p[i], head))
                 self.off_p[i], self.len_p[i] = other.off_p[i], other.len_p[i]
                 self.mark_p[i], self.sa_p[i] = other.mark_p[i], other.sa_p[i]
             self.count = other.count
